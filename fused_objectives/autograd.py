@@ -1,0 +1,34 @@
+"""The one autograd Function: fused target log-probabilities, differentiable.
+
+Forward returns ``logp_i = z_i[y_i] - logsumexp(z_i)`` per token; backward receives
+``dLoss/dlogp`` (any per-token vector: objectives, gates, reductions and per-token upstream
+gradients all arrive here through ordinary autograd) and hands it to the backend as the
+per-token coefficient of ``dz = c * (onehot - softmax)``.
+"""
+from __future__ import annotations
+
+import torch
+
+from .options import LogitOptions
+
+
+class TargetLogprobFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target, valid, opts: LogitOptions, backend):
+        lse, target_logit, argmax = backend.forward(hidden, weight, bias, target, valid, opts)
+        logp = torch.where(valid, target_logit - lse, torch.zeros_like(lse))
+        hit = valid & (argmax == target)
+        ctx.save_for_backward(hidden, weight, bias, target, valid, lse)
+        ctx.opts, ctx.backend = opts, backend
+        ctx.mark_non_differentiable(hit)
+        return logp, hit
+
+    @staticmethod
+    def backward(ctx, grad_logp, _grad_hit):
+        hidden, weight, bias, target, valid, lse = ctx.saved_tensors
+        needs = tuple(ctx.needs_input_grad[:3])
+        if grad_logp is None or not any(needs):
+            return None, None, None, None, None, None, None
+        coef = torch.where(valid, grad_logp.float(), torch.zeros_like(lse))
+        dx, dw, db = ctx.backend.backward(hidden, weight, bias, target, lse, coef.contiguous(), ctx.opts, needs)
+        return dx, dw, db, None, None, None, None

@@ -1,0 +1,58 @@
+"""Backends: ``reference`` (PyTorch autograd on materialised logits) and fused backends.
+
+A fused backend implements the two primitives every objective needs (see objectives.md):
+
+- ``forward(hidden [N, H], weight [V, H], bias [V] | None, target [N] int64, valid [N] bool, opts)``
+  -> ``(lse [N] f32, target_logit [N] f32, argmax [N] int64)``; rows where ``valid`` is False may
+  hold anything; a valid token whose target is outside ``[0, V)`` must give a NaN target logit.
+- ``backward(hidden, weight, bias, target, lse, coef [N] f32, opts, needs=(dx, dw, db))``
+  -> gradients of ``sum_i coef_i * logp_i`` (None where not needed), in the input dtypes;
+  tokens with ``coef == 0`` must cost nothing and their lse/target must not be read.
+- ``unavailable_reason(device)`` -> None when it can run on that device, else a message.
+
+The autograd layer (``fused_objectives/autograd.py``) is the only caller.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+
+from .triton_backend import TritonBackend
+
+REFERENCE = "reference"
+_FUSED: Dict[str, object] = {"triton": TritonBackend()}
+
+
+def register_backend(name: str, backend) -> None:
+    """Add a fused backend (an object with ``forward``, ``backward``, ``unavailable_reason``)."""
+    _FUSED[name] = backend
+
+
+def available_backends() -> tuple:
+    return (REFERENCE,) + tuple(_FUSED)
+
+
+def _auto(device: torch.device) -> str:
+    if device.type == "cuda":
+        return "triton"
+    if device.type == "cpu" and "cpu" in _FUSED and _FUSED["cpu"].unavailable_reason(device) is None:
+        return "cpu"
+    return REFERENCE
+
+
+def resolve_backend(name: str, device: torch.device):
+    """Return ``"reference"`` or a fused backend object for ``name`` on ``device``."""
+    if not isinstance(name, str):
+        raise TypeError(f"backend must be a string, got {type(name).__name__}")
+    if name == "auto":
+        name = _auto(device)
+    if name == REFERENCE:
+        return REFERENCE
+    if name not in _FUSED:
+        raise ValueError(f"unknown backend {name!r}; expected 'auto' or one of {list(available_backends())}")
+    backend = _FUSED[name]
+    reason = backend.unavailable_reason(device)
+    if reason is not None:
+        raise ValueError(reason)
+    return backend

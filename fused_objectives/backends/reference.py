@@ -1,0 +1,46 @@
+"""Reference backend: plain PyTorch that materialises the ``[N, V]`` logits.
+
+It is the ground truth of every test and benchmark (called on float64 inputs it computes in
+float64), and a user-selectable implementation (``backend="reference"``).  Gradients come from
+PyTorch autograd, independently of the fused kernels' hand-written backward.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from ..options import LogitOptions
+
+
+def logits(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], opts: LogitOptions) -> torch.Tensor:
+    """``[N, V]`` logits in float32 (float64 for float64 inputs), transforms applied."""
+    cdt = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    z = hidden.to(cdt) @ weight.to(cdt).T
+    if bias is not None:
+        z = z + bias.to(cdt)
+    if opts.logit_scale is not None:
+        z = z * opts.logit_scale
+    if opts.softcap is not None:
+        z = opts.softcap * torch.tanh(z / opts.softcap)
+    return z
+
+
+def target_logprob(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    target: torch.Tensor,
+    valid: torch.Tensor,
+    opts: LogitOptions,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(logp [N], argmax_hit [N])`` for 2-D ``hidden``; 0 / False at invalid tokens.
+
+    Equals ``torch.log_softmax(logits, -1).gather(-1, target[:, None])[:, 0]`` on valid tokens.
+    """
+    z = logits(hidden, weight, bias, opts)
+    safe_t = torch.where(valid, target, torch.zeros_like(target))
+    logp = torch.log_softmax(z, dim=-1).gather(1, safe_t[:, None])[:, 0]
+    logp = torch.where(valid, logp, torch.zeros_like(logp))
+    hit = valid & (z.detach().argmax(dim=-1) == target) if z.shape[0] else valid.clone()
+    return logp, hit

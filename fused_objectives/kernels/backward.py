@@ -1,0 +1,157 @@
+"""Backward kernel: dX, dW, db from per-token coefficients, recomputing each logits tile on chip.
+
+For a loss whose derivative on the target log-probability of token i is ``c_i``, the gradient on
+its logits is ``dz_ij = c_i * (onehot(y_i)_j - exp(z_ij - lse_i))``, times ``logit_scale`` and
+``1 - tanh^2`` for the transforms.  Grid: (token blocks, vocabulary blocks of one slab).  Each
+program recomputes its ``[BLOCK_N, BLOCK_V]`` tile, forms ``dz`` and atomically adds
+``dz @ W_tile`` into dX and ``dz^T @ X_tile`` into the slab's dW (both fp32).  Tokens with
+``c_i == 0`` (ignored, gated out) are compacted away on the device: they cost nothing.
+"""
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ..options import LogitOptions
+from . import configs
+from .common import logits_tile
+
+
+@triton.jit
+def grad_bwd_kernel(
+    # pointers
+    x_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, coef_ptr, row_idx_ptr, n_active_ptr,
+    dx_ptr, dw_ptr, db_ptr,
+    # sizes
+    V, H, v_start, v_end,
+    # strides
+    stride_xn, stride_xh, stride_wv, stride_wh, stride_dxn, stride_dwv,
+    # logit transforms
+    logit_scale, softcap,
+    # meta-parameters
+    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr,
+    COMPUTE_DX: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    pid_n = tl.program_id(0).to(tl.int64)
+    pid_v = tl.program_id(1).to(tl.int64)
+    n_active = tl.load(n_active_ptr).to(tl.int64)
+    row0 = pid_n * BLOCK_N
+    if row0 >= n_active:
+        return
+    offs_r = row0 + tl.arange(0, BLOCK_N)
+    rmask = offs_r < n_active
+    tok = tl.load(row_idx_ptr + offs_r, mask=rmask, other=0)
+    tgt = tl.load(tgt_ptr + tok, mask=rmask, other=-1)
+    lse = tl.load(lse_ptr + tok, mask=rmask, other=0.0)
+    coef = tl.load(coef_ptr + tok, mask=rmask, other=0.0)
+    offs_v = v_start + pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    vmask = offs_v < v_end
+
+    # [BLOCK_N, BLOCK_V]
+    z, t = logits_tile(x_ptr, w_ptr, b_ptr, tok, rmask, offs_v, vmask,
+                       H, stride_xn, stride_xh, stride_wv, stride_wh, logit_scale, softcap,
+                       HAS_BIAS, HAS_SCALE, HAS_SOFTCAP, DOT_FP32, BLOCK_N, BLOCK_V, BLOCK_H)
+    p = tl.exp(z - lse[:, None])
+    g = (tl.where(offs_v[None, :] == tgt[:, None], 1.0, 0.0) - p) * coef[:, None]
+    if HAS_SOFTCAP:
+        g = g * (1.0 - t * t)
+    if HAS_SCALE:
+        g = g * logit_scale
+    g = tl.where(rmask[:, None] & vmask[None, :], g, 0.0)
+
+    if COMPUTE_DB:
+        tl.atomic_add(db_ptr + offs_v, tl.sum(g, axis=0), mask=vmask)
+    if DOT_FP32:
+        gd = g
+    else:
+        gd = g.to(x_ptr.dtype.element_ty)
+    for h0 in range(0, H, BLOCK_H):
+        offs_h = h0 + tl.arange(0, BLOCK_H)
+        hmask = offs_h < H
+        if COMPUTE_DX:
+            # [BLOCK_V, BLOCK_H]
+            w = tl.load(w_ptr + offs_v[:, None] * stride_wv + offs_h[None, :] * stride_wh,
+                        mask=vmask[:, None] & hmask[None, :], other=0.0)
+            if DOT_FP32:
+                w = w.to(tl.float32)
+            dx = tl.dot(gd, w)  # [BLOCK_N, BLOCK_H]
+            tl.atomic_add(dx_ptr + tok[:, None] * stride_dxn + offs_h[None, :], dx,
+                          mask=rmask[:, None] & hmask[None, :])
+        if COMPUTE_DW:
+            # [BLOCK_N, BLOCK_H]
+            x = tl.load(x_ptr + tok[:, None] * stride_xn + offs_h[None, :] * stride_xh,
+                        mask=rmask[:, None] & hmask[None, :], other=0.0)
+            if DOT_FP32:
+                x = x.to(tl.float32)
+            dw = tl.dot(tl.trans(gd), x)  # [BLOCK_V, BLOCK_H]
+            tl.atomic_add(dw_ptr + (offs_v - v_start)[:, None] * stride_dwv + offs_h[None, :], dw,
+                          mask=vmask[:, None] & hmask[None, :])
+
+
+def fused_backward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    target: torch.Tensor,
+    lse: torch.Tensor,
+    coef: torch.Tensor,
+    opts: LogitOptions,
+    needs: Tuple[bool, bool, bool],
+    dot_fp32: bool,
+) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Gradients ``(d hidden, d weight, d bias)`` of ``sum_i coef_i * logp_i``; None where not needed.
+
+    ``coef`` is float32 ``[N]`` and must be 0 at ignored tokens (their lse/target are not read).
+    """
+    need_dx, need_dw, need_db = needs
+    N, H = hidden.shape
+    V = weight.shape[0]
+    dev = hidden.device
+    cfg = configs.backward_config()
+    active = coef != 0  # NaN coefficients stay active, so NaN reaches the gradients
+    row_idx = torch.argsort((~active).to(torch.int8), stable=True)
+    n_active = active.sum(dtype=torch.int32).reshape(1)
+
+    dx = torch.zeros((N, H), dtype=torch.float32, device=dev) if need_dx else None
+    db = torch.zeros((V,), dtype=torch.float32, device=dev) if need_db else None
+    dw = dw_buf = None
+    slab = V
+    if need_dw:
+        if weight.dtype == torch.float32:
+            dw = dw_buf = torch.zeros((V, H), dtype=torch.float32, device=dev)
+        else:
+            dw = torch.empty((V, H), dtype=weight.dtype, device=dev)
+            rows = max(cfg.block_v, configs.DW_SLAB_BYTES // (4 * max(H, 1)) // cfg.block_v * cfg.block_v)
+            slab = min(V, rows)
+            dw_buf = torch.zeros((slab, H), dtype=torch.float32, device=dev)
+    if (need_dx or need_dw or need_db) and N > 0:
+        n_blocks = triton.cdiv(N, cfg.block_n)
+        for v_start in range(0, V, slab):
+            v_end = min(V, v_start + slab)
+            if dw_buf is not None and v_start > 0:
+                dw_buf.zero_()
+            grad_bwd_kernel[(n_blocks, triton.cdiv(v_end - v_start, cfg.block_v))](
+                hidden, weight, bias if bias is not None else hidden, target, lse, coef, row_idx, n_active,
+                dx if dx is not None else coef, dw_buf if dw_buf is not None else coef,
+                db if db is not None else coef,
+                V, H, v_start, v_end,
+                hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+                H, H,
+                opts.logit_scale or 1.0, opts.softcap or 1.0,
+                HAS_BIAS=bias is not None, HAS_SCALE=opts.logit_scale is not None,
+                HAS_SOFTCAP=opts.softcap is not None, DOT_FP32=dot_fp32,
+                COMPUTE_DX=need_dx, COMPUTE_DW=need_dw, COMPUTE_DB=need_db,
+                BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            )
+            if dw is not None and dw is not dw_buf:
+                dw[v_start:v_end].copy_(dw_buf[: v_end - v_start])
+    elif dw is not None and dw is not dw_buf:
+        dw.zero_()
+    return (
+        dx.to(hidden.dtype) if dx is not None else None,
+        dw,
+        db.to(bias.dtype) if db is not None else None,
+    )

@@ -1,0 +1,125 @@
+"""Forward kernel: per-token logsumexp, target logit and argmax, logits never leaving the chip.
+
+Grid: (token blocks, vocabulary splits).  Each program streams the vocabulary tiles of its split,
+computing each ``[BLOCK_N, BLOCK_V]`` logits tile with ``tl.dot`` over H and merging it into an
+online (max, sum-exp, argmax) state; the launcher merges the splits' partial states.  Only
+*active* tokens are processed: ``row_idx`` lists them first and programs past ``n_active`` (read
+from device memory, no host sync) exit at once, so ignored tokens cost no FLOPs.
+"""
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ..options import LogitOptions
+from . import configs
+from .common import logits_tile
+
+
+@triton.jit
+def lse_fwd_kernel(
+    # pointers
+    x_ptr, w_ptr, b_ptr, tgt_ptr, row_idx_ptr, n_active_ptr,
+    m_ptr, s_ptr, amax_ptr, tlogit_ptr,
+    # sizes
+    V, H, v_per_split,
+    # strides
+    stride_xn, stride_xh, stride_wv, stride_wh, stride_part,
+    # logit transforms
+    logit_scale, softcap,
+    # meta-parameters
+    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    pid_n = tl.program_id(0).to(tl.int64)
+    pid_s = tl.program_id(1).to(tl.int64)
+    n_active = tl.load(n_active_ptr).to(tl.int64)
+    row0 = pid_n * BLOCK_N
+    if row0 >= n_active:
+        return
+    offs_r = row0 + tl.arange(0, BLOCK_N)
+    rmask = offs_r < n_active
+    tok = tl.load(row_idx_ptr + offs_r, mask=rmask, other=0)
+    tgt = tl.load(tgt_ptr + tok, mask=rmask, other=-1)
+    v_lo = pid_s * v_per_split
+    v_hi = tl.minimum(v_lo + v_per_split, V)
+
+    m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    s = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    amax = tl.zeros((BLOCK_N,), dtype=tl.int64)
+    tlogit = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for v0 in range(v_lo, v_hi, BLOCK_V):
+        offs_v = v0 + tl.arange(0, BLOCK_V)
+        vmask = offs_v < v_hi
+        # [BLOCK_N, BLOCK_V]
+        z, _t = logits_tile(x_ptr, w_ptr, b_ptr, tok, rmask, offs_v, vmask,
+                            H, stride_xn, stride_xh, stride_wv, stride_wh, logit_scale, softcap,
+                            HAS_BIAS, HAS_SCALE, HAS_SOFTCAP, DOT_FP32, BLOCK_N, BLOCK_V, BLOCK_H)
+        z = tl.where(vmask[None, :], z, float("-inf"))
+        tile_max = tl.max(z, axis=1)
+        tile_arg = tl.argmax(z, axis=1).to(tl.int64)
+        m_new = tl.maximum(m, tile_max)
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+        # strict '>' keeps the first index of a tie, as torch.argmax does
+        amax = tl.where(tile_max > m, v0 + tile_arg, amax)
+        m = m_new
+        tlogit += tl.sum(tl.where(offs_v[None, :] == tgt[:, None], z, 0.0), axis=1)
+
+    part = pid_s * stride_part + tok
+    tl.store(m_ptr + part, m, mask=rmask)
+    tl.store(s_ptr + part, s, mask=rmask)
+    tl.store(amax_ptr + part, amax, mask=rmask)
+    # the one split whose range holds the target writes its logit (never for out-of-range targets)
+    tl.store(tlogit_ptr + tok, tlogit, mask=rmask & (tgt >= v_lo) & (tgt < v_hi))
+
+
+def fused_forward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    target: torch.Tensor,
+    valid: torch.Tensor,
+    opts: LogitOptions,
+    dot_fp32: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(lse, target_logit, argmax)`` float32/float32/int64 ``[N]`` for 2-D ``hidden`` [N, H].
+
+    Rows where ``valid`` is False are not computed (their outputs are unspecified); a valid token
+    whose target is outside ``[0, V)`` gets a NaN target logit.
+    """
+    N, H = hidden.shape
+    V = weight.shape[0]
+    dev = hidden.device
+    cfg = configs.forward_config()
+    # valid tokens first; the kernels read the count from device memory (no host sync)
+    row_idx = torch.argsort((~valid).to(torch.int8), stable=True)
+    n_active = valid.sum(dtype=torch.int32).reshape(1)
+
+    n_blocks = triton.cdiv(N, cfg.block_n)
+    v_blocks = triton.cdiv(V, cfg.block_v)
+    splits = max(1, min(v_blocks, triton.cdiv(configs.TARGET_PROGRAMS, max(n_blocks, 1))))
+    v_per_split = triton.cdiv(v_blocks, splits) * cfg.block_v
+    splits = triton.cdiv(V, v_per_split)
+
+    m = torch.full((splits, N), float("-inf"), dtype=torch.float32, device=dev)
+    s = torch.zeros((splits, N), dtype=torch.float32, device=dev)
+    amax = torch.zeros((splits, N), dtype=torch.int64, device=dev)
+    tlogit = torch.full((N,), float("nan"), dtype=torch.float32, device=dev)
+    if N > 0:
+        lse_fwd_kernel[(n_blocks, splits)](
+            hidden, weight, bias if bias is not None else hidden, target, row_idx, n_active,
+            m, s, amax, tlogit,
+            V, H, v_per_split,
+            hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), N,
+            opts.logit_scale or 1.0, opts.softcap or 1.0,
+            HAS_BIAS=bias is not None, HAS_SCALE=opts.logit_scale is not None,
+            HAS_SOFTCAP=opts.softcap is not None, DOT_FP32=dot_fp32,
+            BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    if splits == 1:
+        return m[0] + torch.log(s[0]), tlogit, amax[0]
+    m_all, best = m.max(dim=0)  # first split holding the max: the first index of the max overall
+    lse = m_all + torch.log((s * torch.exp(m - m_all[None, :])).sum(dim=0))
+    return lse, tlogit, amax.gather(0, best[None, :])[0]
