@@ -8,6 +8,8 @@ from .functional import LossStats, linear_objective_loss, target_logprob
 from .module import LinearObjectiveLoss
 from .objectives import Objective, get_objective, list_objectives, register_objective
 from .options import LogitOptions
+# light module (torch only): transformers, datasets, matplotlib and tqdm load inside its functions
+from .probe import ProbeResult, probe
 
 __version__ = "0.1.0"
 
@@ -23,4 +25,6 @@ __all__ = [
     "LogitOptions",
     "available_backends",
     "register_backend",
+    "probe",
+    "ProbeResult",
 ]
