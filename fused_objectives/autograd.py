@@ -15,20 +15,20 @@ from .options import LogitOptions
 class TargetLogprobFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, target, valid, opts: LogitOptions, backend):
-        lse, target_logit, argmax = backend.forward(hidden, weight, bias, target, valid, opts)
-        logp = torch.where(valid, target_logit - lse, torch.zeros_like(lse))
+        logp, state, argmax = backend.forward(hidden, weight, bias, target, valid, opts)
+        logp = torch.where(valid, logp, torch.zeros_like(logp))
         hit = valid & (argmax == target)
-        ctx.save_for_backward(hidden, weight, bias, target, valid, lse)
+        ctx.save_for_backward(hidden, weight, bias, target, valid, state)
         ctx.opts, ctx.backend = opts, backend
         ctx.mark_non_differentiable(hit)
         return logp, hit
 
     @staticmethod
     def backward(ctx, grad_logp, _grad_hit):
-        hidden, weight, bias, target, valid, lse = ctx.saved_tensors
+        hidden, weight, bias, target, valid, state = ctx.saved_tensors
         needs = tuple(ctx.needs_input_grad[:3])
         if grad_logp is None or not any(needs):
             return None, None, None, None, None, None, None
-        coef = torch.where(valid, grad_logp.float(), torch.zeros_like(lse))
-        dx, dw, db = ctx.backend.backward(hidden, weight, bias, target, lse, coef.contiguous(), ctx.opts, needs)
+        coef = torch.where(valid, grad_logp.float(), torch.zeros_like(grad_logp, dtype=torch.float32))
+        dx, dw, db = ctx.backend.backward(hidden, weight, bias, target, state, coef.contiguous(), ctx.opts, needs)
         return dx, dw, db, None, None, None, None

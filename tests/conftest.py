@@ -25,3 +25,12 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# Fused backends the core suite runs on (the reference is the ground truth, always tested).
+FUSED_BACKENDS = ["triton"]
+
+
+@pytest.fixture(params=FUSED_BACKENDS)
+def fused_backend(request):
+    return request.param

@@ -3,9 +3,11 @@
 A fused backend implements the two primitives every objective needs (see objectives.md):
 
 - ``forward(hidden [N, H], weight [V, H], bias [V] | None, target [N] int64, valid [N] bool, opts)``
-  -> ``(lse [N] f32, target_logit [N] f32, argmax [N] int64)``; rows where ``valid`` is False may
-  hold anything; a valid token whose target is outside ``[0, V)`` must give a NaN target logit.
-- ``backward(hidden, weight, bias, target, lse, coef [N] f32, opts, needs=(dx, dw, db))``
+  -> ``(logp [N] f32, state, argmax [N] int64)``: the target log-probability, a tensor of the
+  backend's choosing that its backward needs (e.g. the row max and log-normaliser), and the argmax.
+  Rows where ``valid`` is False may hold anything; a valid token whose target is outside ``[0, V)``
+  must give a NaN log-probability (never an out-of-bounds read).
+- ``backward(hidden, weight, bias, target, state, coef [N] f32, opts, needs=(dx, dw, db))``
   -> gradients of ``sum_i coef_i * logp_i`` (None where not needed), in the input dtypes;
   tokens with ``coef == 0`` must cost nothing and their lse/target must not be read.
 - ``unavailable_reason(device)`` -> None when it can run on that device, else a message.
@@ -36,7 +38,8 @@ def available_backends() -> tuple:
 def _auto(device: torch.device) -> str:
     if device.type == "cuda":
         return "triton"
-    if device.type == "cpu" and "cpu" in _FUSED and _FUSED["cpu"].unavailable_reason(device) is None:
+    if device.type == "cpu" and "cpu" in _FUSED:
+        # never a silent fallback: if the C++ kernels cannot be built, resolve_backend says what to install
         return "cpu"
     return REFERENCE
 
@@ -56,3 +59,6 @@ def resolve_backend(name: str, device: torch.device):
     if reason is not None:
         raise ValueError(reason)
     return backend
+
+
+from . import cpu as _cpu  # noqa: E402,F401  (registers backend "cpu"; builds nothing at import)

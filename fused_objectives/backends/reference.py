@@ -38,6 +38,8 @@ def target_logprob(
 
     Equals ``torch.log_softmax(logits, -1).gather(-1, target[:, None])[:, 0]`` on valid tokens.
     """
+    # ignored rows do not enter the computation (as in the fused kernels): a NaN there stays there
+    hidden = torch.where(valid[:, None], hidden, torch.zeros((), dtype=hidden.dtype, device=hidden.device))
     z = logits(hidden, weight, bias, opts)
     safe_t = torch.where(valid, target, torch.zeros_like(target))
     logp = torch.log_softmax(z, dim=-1).gather(1, safe_t[:, None])[:, 0]

@@ -39,8 +39,8 @@ class TritonBackend:
 
         return fused_forward(hidden, weight, bias, target, valid, opts, self._dot_fp32(hidden.dtype))
 
-    def backward(self, hidden, weight, bias, target, lse, coef, opts: LogitOptions,
+    def backward(self, hidden, weight, bias, target, state, coef, opts: LogitOptions,
                  needs: Tuple[bool, bool, bool]):
         from ..kernels.backward import fused_backward
 
-        return fused_backward(hidden, weight, bias, target, lse, coef, opts, needs, self._dot_fp32(hidden.dtype))
+        return fused_backward(hidden, weight, bias, target, state, coef, opts, needs, self._dot_fp32(hidden.dtype))

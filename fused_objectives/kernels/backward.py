@@ -15,22 +15,22 @@ import triton.language as tl
 
 from ..options import LogitOptions
 from . import configs
-from .common import logits_tile
+from .common import expm1, logits_tile
 
 
 @triton.jit
 def grad_bwd_kernel(
     # pointers
-    x_ptr, w_ptr, b_ptr, tgt_ptr, lse_ptr, coef_ptr, row_idx_ptr, n_active_ptr,
+    x_ptr, w_ptr, b_ptr, tgt_ptr, state_ptr, coef_ptr, row_idx_ptr, n_active_ptr,
     dx_ptr, dw_ptr, db_ptr,
     # sizes
-    V, H, v_start, v_end,
+    N, V, H, v_start, v_end,
     # strides
     stride_xn, stride_xh, stride_wv, stride_wh, stride_dxn, stride_dwv,
     # logit transforms
     logit_scale, softcap,
     # meta-parameters
-    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
     COMPUTE_DX: tl.constexpr, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
@@ -44,7 +44,8 @@ def grad_bwd_kernel(
     rmask = offs_r < n_active
     tok = tl.load(row_idx_ptr + offs_r, mask=rmask, other=0)
     tgt = tl.load(tgt_ptr + tok, mask=rmask, other=-1)
-    lse = tl.load(lse_ptr + tok, mask=rmask, other=0.0)
+    row_max = tl.load(state_ptr + tok, mask=rmask, other=0.0)
+    log_norm = tl.load(state_ptr + N + tok, mask=rmask, other=0.0)
     coef = tl.load(coef_ptr + tok, mask=rmask, other=0.0)
     offs_v = v_start + pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     vmask = offs_v < v_end
@@ -52,9 +53,13 @@ def grad_bwd_kernel(
     # [BLOCK_N, BLOCK_V]
     z, t = logits_tile(x_ptr, w_ptr, b_ptr, tok, rmask, offs_v, vmask,
                        H, stride_xn, stride_xh, stride_wv, stride_wh, logit_scale, softcap,
-                       HAS_BIAS, HAS_SCALE, HAS_SOFTCAP, DOT_FP32, BLOCK_N, BLOCK_V, BLOCK_H)
-    p = tl.exp(z - lse[:, None])
-    g = (tl.where(offs_v[None, :] == tgt[:, None], 1.0, 0.0) - p) * coef[:, None]
+                       HAS_BIAS, HAS_SCALE, HAS_SOFTCAP, DOT_FP32, PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
+    # onehot - softmax.  At the target, 1 - p comes from the forward's log p, not from the
+    # recomputed tile: when p is near 1 it is all cancellation, and a recomputed logit that differs
+    # from the forward's by one rounding would change it by percents; -expm1 keeps its digits.
+    one_minus_p = -expm1(tl.load(state_ptr + 2 * N + tok, mask=rmask, other=0.0))
+    p = tl.exp((z - row_max[:, None]) - log_norm[:, None])
+    g = tl.where(offs_v[None, :] == tgt[:, None], one_minus_p[:, None], -p) * coef[:, None]
     if HAS_SOFTCAP:
         g = g * (1.0 - t * t)
     if HAS_SCALE:
@@ -76,7 +81,7 @@ def grad_bwd_kernel(
                         mask=vmask[:, None] & hmask[None, :], other=0.0)
             if DOT_FP32:
                 w = w.to(tl.float32)
-            dx = tl.dot(gd, w)  # [BLOCK_N, BLOCK_H]
+            dx = tl.dot(gd, w, input_precision=PRECISION)  # [BLOCK_N, BLOCK_H]
             tl.atomic_add(dx_ptr + tok[:, None] * stride_dxn + offs_h[None, :], dx,
                           mask=rmask[:, None] & hmask[None, :])
         if COMPUTE_DW:
@@ -85,7 +90,7 @@ def grad_bwd_kernel(
                         mask=rmask[:, None] & hmask[None, :], other=0.0)
             if DOT_FP32:
                 x = x.to(tl.float32)
-            dw = tl.dot(tl.trans(gd), x)  # [BLOCK_V, BLOCK_H]
+            dw = tl.dot(tl.trans(gd), x, input_precision=PRECISION)  # [BLOCK_V, BLOCK_H]
             tl.atomic_add(dw_ptr + (offs_v - v_start)[:, None] * stride_dwv + offs_h[None, :], dw,
                           mask=vmask[:, None] & hmask[None, :])
 
@@ -95,7 +100,7 @@ def fused_backward(
     weight: torch.Tensor,
     bias: Optional[torch.Tensor],
     target: torch.Tensor,
-    lse: torch.Tensor,
+    lse_state: torch.Tensor,
     coef: torch.Tensor,
     opts: LogitOptions,
     needs: Tuple[bool, bool, bool],
@@ -103,7 +108,8 @@ def fused_backward(
 ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
     """Gradients ``(d hidden, d weight, d bias)`` of ``sum_i coef_i * logp_i``; None where not needed.
 
-    ``coef`` is float32 ``[N]`` and must be 0 at ignored tokens (their lse/target are not read).
+    ``lse_state`` is the forward's ``[3, N]`` (row max, log-normaliser, target log-probability); ``coef`` is float32 ``[N]``
+    and must be 0 at ignored tokens (their state and target are not read).
     """
     need_dx, need_dw, need_db = needs
     N, H = hidden.shape
@@ -133,15 +139,15 @@ def fused_backward(
             if dw_buf is not None and v_start > 0:
                 dw_buf.zero_()
             grad_bwd_kernel[(n_blocks, triton.cdiv(v_end - v_start, cfg.block_v))](
-                hidden, weight, bias if bias is not None else hidden, target, lse, coef, row_idx, n_active,
+                hidden, weight, bias if bias is not None else hidden, target, lse_state, coef, row_idx, n_active,
                 dx if dx is not None else coef, dw_buf if dw_buf is not None else coef,
                 db if db is not None else coef,
-                V, H, v_start, v_end,
+                N, V, H, v_start, v_end,
                 hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
                 H, H,
                 opts.logit_scale or 1.0, opts.softcap or 1.0,
                 HAS_BIAS=bias is not None, HAS_SCALE=opts.logit_scale is not None,
-                HAS_SOFTCAP=opts.softcap is not None, DOT_FP32=dot_fp32,
+                HAS_SOFTCAP=opts.softcap is not None, DOT_FP32=dot_fp32, PRECISION=configs.dot_precision(hidden.dtype),
                 COMPUTE_DX=need_dx, COMPUTE_DW=need_dw, COMPUTE_DB=need_db,
                 BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages,

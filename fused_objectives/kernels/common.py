@@ -12,13 +12,21 @@ def tanh(x):
 
 
 @triton.jit
+def expm1(x):
+    # exp(x) - 1 without cancellation near 0 (tl has no expm1): a Taylor polynomial there, whose
+    # relative error is below x^4/120 < 1e-9 for |x| < 1e-2
+    small = x * (1.0 + x * (0.5 + x * (1.0 / 6.0 + x * (1.0 / 24.0))))
+    return tl.where(tl.abs(x) < 1e-2, small, tl.exp(x) - 1.0)
+
+
+@triton.jit
 def logits_tile(
     x_ptr, w_ptr, b_ptr,
     tok, rmask, offs_v, vmask,
     H, stride_xn, stride_xh, stride_wv, stride_wh,
     logit_scale, softcap,
     HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    DOT_FP32: tl.constexpr,
+    DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """Logits ``z`` [BLOCK_N, BLOCK_V] of rows ``tok`` and columns ``offs_v`` in fp32, plus
@@ -36,7 +44,7 @@ def logits_tile(
         if DOT_FP32:
             x = x.to(tl.float32)
             w = w.to(tl.float32)
-        acc = tl.dot(x, w, acc)
+        acc = tl.dot(x, w, acc, input_precision=PRECISION)
     if HAS_BIAS:
         b = tl.load(b_ptr + offs_v, mask=vmask, other=0.0).to(tl.float32)
         acc = acc + b[None, :]

@@ -57,3 +57,13 @@ def forward_config() -> KernelConfig:
 
 def backward_config() -> KernelConfig:
     return INTERPRET if interpreting() else BACKWARD_DEFAULT
+
+
+def dot_precision(dtype) -> str:
+    """fp32 inputs get IEEE fp32 dots (Triton's default would be TF32) unless PyTorch itself is
+    allowed TF32 matmuls; half-precision inputs use tensor cores with fp32 accumulation anyway."""
+    import torch
+
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"

@@ -21,7 +21,7 @@ from .common import logits_tile
 def lse_fwd_kernel(
     # pointers
     x_ptr, w_ptr, b_ptr, tgt_ptr, row_idx_ptr, n_active_ptr,
-    m_ptr, s_ptr, amax_ptr, tlogit_ptr,
+    m_ptr, rest_ptr, amax_ptr, tlogit_ptr,
     # sizes
     V, H, v_per_split,
     # strides
@@ -29,7 +29,7 @@ def lse_fwd_kernel(
     # logit transforms
     logit_scale, softcap,
     # meta-parameters
-    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     pid_n = tl.program_id(0).to(tl.int64)
@@ -46,7 +46,9 @@ def lse_fwd_kernel(
     v_hi = tl.minimum(v_lo + v_per_split, V)
 
     m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
-    s = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    # rest = sum of exp(z - m) over every column but the argmax (whose term is exactly 1): keeping
+    # the 1 out preserves the digits of the small remainder, which set 1 - p for confident tokens
+    rest = tl.zeros((BLOCK_N,), dtype=tl.float32)
     amax = tl.zeros((BLOCK_N,), dtype=tl.int64)
     tlogit = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for v0 in range(v_lo, v_hi, BLOCK_V):
@@ -55,20 +57,26 @@ def lse_fwd_kernel(
         # [BLOCK_N, BLOCK_V]
         z, _t = logits_tile(x_ptr, w_ptr, b_ptr, tok, rmask, offs_v, vmask,
                             H, stride_xn, stride_xh, stride_wv, stride_wh, logit_scale, softcap,
-                            HAS_BIAS, HAS_SCALE, HAS_SOFTCAP, DOT_FP32, BLOCK_N, BLOCK_V, BLOCK_H)
+                            HAS_BIAS, HAS_SCALE, HAS_SOFTCAP, DOT_FP32, PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
         z = tl.where(vmask[None, :], z, float("-inf"))
-        tile_max = tl.max(z, axis=1)
-        tile_arg = tl.argmax(z, axis=1).to(tl.int64)
-        m_new = tl.maximum(m, tile_max)
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+        # NaN logits reach the loss through the exp-sum below; max/argmax skip them (as the GPU does)
+        z_ord = tl.where(z == z, z, float("-inf"))
+        tile_max = tl.max(z_ord, axis=1)
+        tile_arg = tl.argmax(z_ord, axis=1).to(tl.int64)
         # strict '>' keeps the first index of a tie, as torch.argmax does
-        amax = tl.where(tile_max > m, v0 + tile_arg, amax)
+        new_max = tile_max > m
+        m_new = tl.maximum(m, tile_max)
+        e = tl.exp(z - m_new[:, None])
+        is_new_arg = new_max[:, None] & (offs_v[None, :] == (v0 + tile_arg)[:, None])
+        tile_rest = tl.sum(tl.where(is_new_arg, 0.0, e), axis=1)
+        rest = tl.where(new_max, (rest + 1.0) * tl.exp(m - m_new), rest) + tile_rest
+        amax = tl.where(new_max, v0 + tile_arg, amax)
         m = m_new
         tlogit += tl.sum(tl.where(offs_v[None, :] == tgt[:, None], z, 0.0), axis=1)
 
     part = pid_s * stride_part + tok
     tl.store(m_ptr + part, m, mask=rmask)
-    tl.store(s_ptr + part, s, mask=rmask)
+    tl.store(rest_ptr + part, rest, mask=rmask)
     tl.store(amax_ptr + part, amax, mask=rmask)
     # the one split whose range holds the target writes its logit (never for out-of-range targets)
     tl.store(tlogit_ptr + tok, tlogit, mask=rmask & (tgt >= v_lo) & (tgt < v_hi))
@@ -83,10 +91,12 @@ def fused_forward(
     opts: LogitOptions,
     dot_fp32: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(lse, target_logit, argmax)`` float32/float32/int64 ``[N]`` for 2-D ``hidden`` [N, H].
+    """``(logp [N] f32, lse_state [3, N] f32, argmax [N] int64)`` for 2-D ``hidden`` [N, H].
 
-    Rows where ``valid`` is False are not computed (their outputs are unspecified); a valid token
-    whose target is outside ``[0, V)`` gets a NaN target logit.
+    ``lse_state`` holds the row max ``m``, ``log(sum(exp(z - m)))`` and ``logp``: kept apart,
+    ``z - m`` stays exact, so ``p`` near 1 (and ``1 - p`` in the gradient) keeps fp32 accuracy even
+    when the logsumexp itself is large.  Rows where ``valid`` is False are not computed (their outputs are
+    unspecified); a valid token whose target is outside ``[0, V)`` gets a NaN log-probability.
     """
     N, H = hidden.shape
     V = weight.shape[0]
@@ -103,23 +113,31 @@ def fused_forward(
     splits = triton.cdiv(V, v_per_split)
 
     m = torch.full((splits, N), float("-inf"), dtype=torch.float32, device=dev)
-    s = torch.zeros((splits, N), dtype=torch.float32, device=dev)
+    rest = torch.zeros((splits, N), dtype=torch.float32, device=dev)
     amax = torch.zeros((splits, N), dtype=torch.int64, device=dev)
     tlogit = torch.full((N,), float("nan"), dtype=torch.float32, device=dev)
     if N > 0:
         lse_fwd_kernel[(n_blocks, splits)](
             hidden, weight, bias if bias is not None else hidden, target, row_idx, n_active,
-            m, s, amax, tlogit,
+            m, rest, amax, tlogit,
             V, H, v_per_split,
             hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), N,
             opts.logit_scale or 1.0, opts.softcap or 1.0,
             HAS_BIAS=bias is not None, HAS_SCALE=opts.logit_scale is not None,
-            HAS_SOFTCAP=opts.softcap is not None, DOT_FP32=dot_fp32,
+            HAS_SOFTCAP=opts.softcap is not None, DOT_FP32=dot_fp32, PRECISION=configs.dot_precision(hidden.dtype),
             BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     if splits == 1:
-        return m[0] + torch.log(s[0]), tlogit, amax[0]
-    m_all, best = m.max(dim=0)  # first split holding the max: the first index of the max overall
-    lse = m_all + torch.log((s * torch.exp(m - m_all[None, :])).sum(dim=0))
-    return lse, tlogit, amax.gather(0, best[None, :])[0]
+        m_all, rest_all, argmax = m[0], rest[0], amax[0]
+    else:
+        m_all, best = m.max(dim=0)  # first split holding the max: the first index of the max overall
+        # every split's terms rescaled to the global max, its own max term (1) included, except the
+        # best split's max term: that one is the global argmax, kept out of the remainder
+        is_best = torch.arange(splits, device=dev)[:, None] == best[None, :]
+        scaled = torch.where(is_best, rest, (rest + 1.0) * torch.exp(m - m_all[None, :]))
+        rest_all = scaled.sum(dim=0)
+        argmax = amax.gather(0, best[None, :])[0]
+    log_norm = torch.log1p(rest_all)
+    logp = (tlogit - m_all) - log_norm
+    return logp, torch.stack([m_all, log_norm, logp]), argmax

@@ -1,0 +1,231 @@
+"""The CPU backend: the fused primitives as C++ custom operators (ATen GEMMs + OpenMP epilogues).
+
+The kernels live in ``csrc/fused_objectives_cpu.cpp`` and register two operators under one schema,
+``torch.ops.fused_objectives.lse_forward`` and ``torch.ops.fused_objectives.grad_backward``
+(visible to the profiler and to ``torch.compile``, which gets shape-only fake kernels here).  They
+are compiled on first use with PyTorch's C++ extension machinery (a C++ compiler and ninja) and
+cached per user (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``), keyed by the
+source, the flags, the torch version and the CPU, so later processes load the cached library.
+
+Memory: the kernels walk the vocabulary and the active tokens in ``[rows, cols]`` logits tiles whose
+size this module plans from a byte budget, so the workspace never grows with ``N * V``:
+``FUSED_OBJECTIVES_CPU_BUDGET_MB`` (default 64) bounds all chunk buffers together, and
+``FUSED_OBJECTIVES_CPU_TILE_MB`` (default 8, about a quarter of a server L3) the logits tile.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import threading
+from pathlib import Path
+from typing import Optional, Tuple
+
+import torch
+
+from ..options import LogitOptions
+from . import register_backend
+
+_LIB_NAME = "fused_objectives_cpu"
+_SOURCE = "fused_objectives_cpu.cpp"
+_MB = 1 << 20
+
+# Tile shape limits: wide enough vocabulary chunks for efficient GEMMs, never wider than this.
+MAX_COLS = 2048
+MIN_COLS = 16
+
+
+def _source_path() -> Optional[Path]:
+    """The C++ source: shipped inside the package (wheel), or the repository's csrc/ (editable)."""
+    here = Path(__file__).resolve().parent.parent
+    for candidate in (here / "_csrc" / _SOURCE, here.parent / "csrc" / _SOURCE):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _cflags() -> list:
+    flags = ["-O3", "-fopenmp", "-DNDEBUG"]
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        # built on the machine that runs it (and cached per CPU, below): use its vector units
+        flags.append("-march=native")
+    return flags
+
+
+def _cpu_signature() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _missing_tools() -> Optional[str]:
+    from torch.utils.cpp_extension import is_ninja_available
+
+    cxx = os.environ.get("CXX", "c++")
+    missing = []
+    if shutil.which(cxx) is None:
+        missing.append(f"a C++17 compiler ({cxx!r} is not on PATH; e.g. `apt-get install g++`, "
+                       f"`dnf install gcc-c++`, or Xcode command line tools on macOS; or set CXX)")
+    if not is_ninja_available():
+        missing.append("ninja (`pip install ninja`)")
+    if not missing:
+        return None
+    return ("backend='cpu' compiles its C++ kernels on first use and needs " + " and ".join(missing)
+            + "; install them, or pass backend='reference' (materialises the [N, V] logits)")
+
+
+class _Loader:
+    """Builds (or loads from the cache) the operator library once per process."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._error: Optional[str] = None
+        self._loaded = False
+
+    def ensure(self) -> Optional[str]:
+        """None once the operators are registered, else why they cannot be."""
+        if self._loaded or self._error is not None:
+            return self._error
+        with self._lock:
+            if not self._loaded and self._error is None:
+                self._error = self._build()
+                self._loaded = self._error is None
+        return self._error
+
+    @staticmethod
+    def _build() -> Optional[str]:
+        if hasattr(torch.ops.fused_objectives, "grad_backward") and _has_cpu_kernel():
+            return None  # registered by another copy of this module (e.g. a reload)
+        src = _source_path()
+        if src is None:
+            return (f"backend='cpu': its C++ source {_SOURCE} is missing from this installation "
+                    f"(expected in fused_objectives/_csrc/ or the repository's csrc/); reinstall the "
+                    f"package, or pass backend='reference'")
+        missing = _missing_tools()
+        if missing is not None:
+            return missing
+        from torch.utils.cpp_extension import load
+
+        cflags = _cflags()
+        key = hashlib.sha256("\0".join([src.read_text(), " ".join(cflags), torch.__version__,
+                                        _cpu_signature()]).encode()).hexdigest()[:12]
+        try:
+            load(name=f"{_LIB_NAME}_{key}", sources=[str(src)], extra_cflags=cflags,
+                 extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+        except Exception as exc:  # the compiler's output is in the message
+            detail = str(exc).strip()
+            if len(detail) > 4000:
+                detail = detail[:2000] + "\n...\n" + detail[-2000:]
+            return (f"backend='cpu' could not build its C++ kernels from {src} ({type(exc).__name__}): "
+                    f"{detail}\nA C++17 compiler (g++ >= 9 or clang >= 10) and ninja are required; "
+                    f"or pass backend='reference'")
+        return None
+
+
+def _has_cpu_kernel() -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key("fused_objectives::grad_backward", "CPU")
+
+
+_LOADER = _Loader()
+
+
+def _register_fakes() -> None:
+    # shape-only kernels so torch.compile / FakeTensor tracing can see through the operators
+    @torch.library.register_fake("fused_objectives::lse_forward")
+    def _lse_forward_fake(hidden, weight, bias, target, valid, logit_scale, softcap, chunk_rows, chunk_cols):
+        n = hidden.shape[0]
+        state = hidden.new_empty((3, n), dtype=torch.float32)
+        return state[2], state, hidden.new_empty((n,), dtype=torch.int64)
+
+    @torch.library.register_fake("fused_objectives::grad_backward")
+    def _grad_backward_fake(hidden, weight, bias, target, state, coef, logit_scale, softcap,
+                            need_dx, need_dw, need_db, chunk_rows, chunk_cols):
+        return (torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_dx else None,
+                torch.empty_like(weight, memory_format=torch.contiguous_format) if need_dw else None,
+                torch.empty_like(bias) if need_db else None)
+
+
+def plan_chunks(n: int, v: int, h: int, x32: bool, w32: bool, budget_bytes: int,
+                tile_bytes: int) -> Tuple[int, int]:
+    """``(rows, cols)`` of the logits tile for ``n`` tokens, vocabulary ``v`` and hidden size ``h``.
+
+    The kernels' chunk buffers are the fp32 tile ``rows * cols``, an upcast weight chunk and a dW
+    slab (``cols * h`` each, only for non-fp32 weights), and a gathered token chunk plus its dX
+    (``rows * h`` each); together they stay within ``budget_bytes`` (down to the minimum tile).
+    """
+    tile = max(4 * MIN_COLS, min(tile_bytes, budget_bytes // 2))
+    cols = min(v, MAX_COLS, max(MIN_COLS, tile // (4 * 8)))
+    per_col = 0 if w32 else 2 * 4 * h
+    if per_col:
+        cols = min(cols, max(MIN_COLS, (budget_bytes - tile) // per_col))
+    cols = max(1, min(cols, v))
+    rows = max(1, tile // (4 * cols))
+    per_row = 2 * 4 * h
+    rows = min(rows, max(1, (budget_bytes - rows * cols * 4 - cols * per_col) // per_row))
+    return max(1, min(rows, max(n, 1))), cols
+
+
+class CPUBackend:
+    """Fused C++ kernels for CPU tensors (fp32, bf16, fp16 inputs; fp32 math inside)."""
+
+    name = "cpu"
+
+    def __init__(self):
+        self.budget_bytes = int(float(os.environ.get("FUSED_OBJECTIVES_CPU_BUDGET_MB", "64")) * _MB)
+        self.tile_bytes = int(float(os.environ.get("FUSED_OBJECTIVES_CPU_TILE_MB", "8")) * _MB)
+
+    def unavailable_reason(self, device: torch.device) -> Optional[str]:
+        if device.type != "cpu":
+            return (f"backend='cpu' needs CPU tensors, got {device}; use backend='triton' (CUDA) "
+                    f"or backend='reference'")
+        reason = _LOADER.ensure()
+        if reason is None:
+            _register_fakes_once()
+        return reason
+
+    def _plan(self, hidden, weight) -> Tuple[int, int]:
+        n, h = hidden.shape
+        return plan_chunks(n, weight.shape[0], h, hidden.dtype == torch.float32, weight.dtype == torch.float32,
+                           self.budget_bytes, self.tile_bytes)
+
+    def forward(self, hidden, weight, bias, target, valid, opts: LogitOptions):
+        rows, cols = self._plan(hidden, weight)
+        return torch.ops.fused_objectives.lse_forward(hidden, weight, bias, target, valid, opts.logit_scale,
+                                                      opts.softcap, rows, cols)
+
+    def backward(self, hidden, weight, bias, target, state, coef, opts: LogitOptions,
+                 needs: Tuple[bool, bool, bool]):
+        need_dx, need_dw, need_db = (bool(needs[0]), bool(needs[1]), bool(needs[2]) and bias is not None)
+        rows, cols = self._plan(hidden, weight)
+        return torch.ops.fused_objectives.grad_backward(hidden, weight, bias, target, state, coef, opts.logit_scale,
+                                                        opts.softcap, need_dx, need_dw, need_db, rows, cols)
+
+
+_FAKES_DONE = False
+
+
+def _register_fakes_once() -> None:
+    global _FAKES_DONE
+    if not _FAKES_DONE:
+        try:
+            _register_fakes()
+        except RuntimeError:
+            pass  # already registered (module reloaded)
+        _FAKES_DONE = True
+
+
+def ensure_built() -> None:
+    """Build or load the C++ kernels now (e.g. while setting up an environment); raise if impossible."""
+    reason = _LOADER.ensure()
+    if reason is not None:
+        raise RuntimeError(reason)
+    _register_fakes_once()
+
+
+BACKEND = CPUBackend()
+register_backend("cpu", BACKEND)
