@@ -232,9 +232,11 @@ class ProbeResult:
         bx.axvspan(low, high, color="grey", alpha=0.12)
         bx.axvspan(high, 1, color="#55A868", alpha=0.15)
         for a in ANCHORS:
-            bx.plot([a.low, a.high], [0.5, 0.5], lw=6, solid_capstyle="round", color="#8172B2")
+            bx.plot([a.low, a.high], [0.5, 0.5], lw=6, marker="o", ms=7, solid_capstyle="round", color="#8172B2")
             bx.annotate(a.label, ((a.low + a.high) / 2, 0.5), xytext=(0, 8), textcoords="offset points",
                         ha="center", fontsize=8)
+        for x0, x1, zone in ((0, low, "nll"), (low, high, "no clear winner"), (high, 1, "neg_p / nll_top:0.2")):
+            bx.text((x0 + x1) / 2, 0.92, zone, ha="center", va="top", fontsize=8, color="dimgray")
         bx.plot([self.mean_p], [0.5], marker="v", ms=12, color="black")
         bx.annotate(f"this pair {self.mean_p:.3f}", (self.mean_p, 0.5), xytext=(0, -16),
                     textcoords="offset points", ha="center", fontsize=8)
@@ -312,9 +314,10 @@ def _hidden(route: _Route, input_ids, attention_mask) -> torch.Tensor:
     return hidden
 
 
-def _verify(model, route: _Route, input_ids: torch.Tensor, attention_mask) -> None:
+def _verify(model, route: _Route, input_ids: torch.Tensor, attention_mask, backend: str) -> None:
     """Check on a few real tokens that decoder + LM head + transforms reproduce the model's logits,
-    so a model family with another head transform is refused instead of silently mismeasured."""
+    so a model family with another head transform is refused instead of silently mismeasured, and
+    that the fused log-probabilities agree with the log-softmax of those logits."""
     row = input_ids[0]
     if attention_mask is not None:
         row = row[attention_mask[0].bool()]
@@ -325,8 +328,8 @@ def _verify(model, route: _Route, input_ids: torch.Tensor, attention_mask) -> No
         warnings.warn(f"{type(model).__name__} returned no logits; the probe could not verify that it "
                       f"reproduces the model's LM head", stacklevel=3)
         return
-    h = _hidden(route, x, None)[0].to(route.weight.device).float()
-    z = h @ route.weight.float().T
+    hidden = _hidden(route, x, None)[0].to(route.weight.device)
+    z = hidden.float() @ route.weight.float().T
     if route.bias is not None:
         z = z + route.bias.float()
     if route.logit_scale is not None:
@@ -346,6 +349,18 @@ def _verify(model, route: _Route, input_ids: torch.Tensor, attention_mask) -> No
             f"logit_scale={route.logit_scale}) do not reproduce the model's own logits (max |diff| {err:.3g} > "
             f"{tol:.3g}); its forward transforms the logits in a way the probe does not know. "
             f"Pass verify=False only if you know the difference is harmless.")
+    if x.shape[1] < 2:
+        return
+    target = x[0, 1:].to(route.weight.device)
+    want = torch.log_softmax(z[:-1], dim=-1).gather(-1, target[:, None])[:, 0]
+    got = target_logprob(hidden[:-1].to(route.weight.dtype), route.weight, target, route.bias,
+                         softcap=route.softcap, logit_scale=route.logit_scale, backend=backend).float()
+    err = float((got - want).abs().max())
+    if not err <= (2e-2 if half else 1e-4) * (1.0 + float(want.abs().max())):
+        raise RuntimeError(
+            f"fused_objectives.target_logprob (backend={backend!r}) disagrees with the log-softmax of the model's "
+            f"logits by up to {err:.3g} on {target.numel()} tokens; refusing to report its statistics. This is a "
+            f"bug in that backend: please report it, and pass backend='reference' meanwhile.")
 
 
 def _as_tensor(x, name: str, device) -> torch.Tensor:
@@ -420,8 +435,9 @@ def probe(
             not scored; the token at ``t`` is scored from position ``t - 1``).  Without ``labels``
             every attended token but the first is scored.  :func:`make_batches` builds them.
         cut_points: ``(low, high)`` heuristic cut-points on mean p for the recommendation.
-        verify: first check on up to 32 tokens that decoder + LM head reproduce ``model(...).logits``;
-            a model whose forward transforms logits otherwise is refused with a ``ValueError``.
+        verify: first check on up to 32 tokens that decoder + LM head reproduce ``model(...).logits``
+            (a model whose forward transforms logits otherwise is refused with a ``ValueError``) and
+            that ``target_logprob`` agrees with their log-softmax (else ``RuntimeError``).
         progress: show a tqdm progress bar (``total`` batches, when known).
         backend: passed to :func:`fused_objectives.target_logprob`.
         chunk_tokens: tokens per ``target_logprob`` call; default all of a batch on GPU and a
@@ -467,7 +483,7 @@ def probe(
                         raise ValueError(f"batch {b}: {name} shape {tuple(t.shape)} differs from "
                                          f"input_ids shape {tuple(ids.shape)}")
                 if verify and n_batches == 0:
-                    _verify(model, route, ids, mask)
+                    _verify(model, route, ids, mask, backend)
                 n_batches += 1
                 hidden = _hidden(route, ids, mask)
                 # hidden[:, t] predicts labels[:, t + 1]; score only those positions, before any GEMM
@@ -744,6 +760,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         metavar=("LOW", "HIGH"),
                         help="heuristic cut-points on mean p: <= LOW recommends nll, >= HIGH neg_p "
                              f"(default {DEFAULT_CUT_POINTS[0]:g} {DEFAULT_CUT_POINTS[1]:g})")
+    parser.add_argument("--backend", default="auto", help="fused_objectives backend (auto, triton, cpu, reference)")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (transformers)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
@@ -807,7 +824,7 @@ def _run(args) -> int:
             if lo < 0 or hi >= vocab:
                 raise ValueError(f"{e.where}: token id {hi if hi >= vocab else lo} is outside the model's "
                                  f"vocabulary [0, {vocab}): the tokenizer and the model do not match")
-    result = probe(model, batches, cut_points=args.cut_points, progress=not args.no_progress)
+    result = probe(model, batches, cut_points=args.cut_points, progress=not args.no_progress, backend=args.backend)
     result.examples = len(encoded)
     result.info.update({
         "model": args.model, "data": args.data, "max_length": args.max_length,
