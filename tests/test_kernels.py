@@ -1,0 +1,144 @@
+"""Properties of the fused kernels beyond their numbers: no [N, V] tensor, skipped work, launch paths."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fused_objectives as fo
+from fused_objectives.kernels import configs
+from helpers import assert_no_worse, ground_truth, make_inputs, naive_same_dtype, run
+
+REPO = Path(__file__).resolve().parents[1]
+interpreter_only = pytest.mark.skipif(not configs.interpreting(), reason="counts the interpreter's tl.dot calls")
+
+
+class LargestAllocation(TorchDispatchMode):
+    """Records the largest tensor (in bytes) any ATen op produces while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel() * t.element_size())
+        return out
+
+
+@pytest.mark.parametrize("objective", ["nll", "nll_top:0.3"])
+def test_no_tokens_by_vocab_tensor(fused_backend, objective):
+    N, H, V = 64, 8, 400  # N*V = 25600 dwarfs N*H = 512, V*H = 3200 and the split buffers
+    h, w, t, b = make_inputs(N=N, H=H, V=V, bias=True, peaked=3.0)
+    h, w, b = h.requires_grad_(), w.requires_grad_(), b.requires_grad_()
+    with LargestAllocation() as fused:
+        fo.linear_objective_loss(h, w, t, b, objective=objective, backend=fused_backend).backward()
+    # (under the interpreter, argument storages are copied too: the weight's is 12,800 bytes)
+    assert fused.largest < N * V * 4 // 4, f"fused path allocated a tensor of {fused.largest} bytes"
+    with LargestAllocation() as ref:
+        fo.linear_objective_loss(h, w, t, b, objective=objective, backend="reference").backward()
+    assert ref.largest >= N * V * 4  # the detector sees the reference's fp32 logits
+
+
+def _check_triton(h, w, t, b=None, **kw):
+    fused = run(h, w, t, b, backend="triton", **kw)
+    assert_no_worse(fused, naive_same_dtype(h, w, t, b, **kw), ground_truth(h, w, t, b, **kw))
+
+
+@pytest.mark.parametrize("target_programs", [1, 10_000], ids=["one-split", "many-splits"])
+def test_vocabulary_split_paths(monkeypatch, target_programs):
+    monkeypatch.setattr(configs, "TARGET_PROGRAMS", target_programs)
+    h, w, t, b = make_inputs(N=20, H=16, V=150, bias=True, peaked=5.0)
+    _check_triton(h, w, t, b, objective="neg_p")
+    # argmax across splits: ties and a max in the last split
+    w2 = w.clone()
+    w2[149] = w2[0] = 3 * h[0] / h[0].norm()
+    t2 = t.clone()
+    t2[0] = 0
+    _, stats = fo.linear_objective_loss(h, w2, t2, backend="triton", return_stats=True)
+    _, ref = fo.linear_objective_loss(h, w2, t2, backend="reference", return_stats=True)
+    assert stats.accuracy.item() == ref.accuracy.item()
+
+
+def test_dw_slabs(monkeypatch):
+    # a half-precision weight accumulates dW in fp32 one vocabulary slab at a time
+    monkeypatch.setattr(configs, "DW_SLAB_BYTES", 4 * 16 * 32)  # 32 rows of H=16 -> 5 slabs for V=150
+    h, w, t, b = make_inputs(N=20, H=16, V=150, bias=True, dtype=torch.float16, peaked=4.0)
+    _check_triton(h, w, t, b, objective="nll")
+
+
+def _count_dots(monkeypatch):
+    import triton.runtime.interpreter as interp
+
+    calls = []
+    original = interp.InterpreterBuilder.create_dot
+
+    def counting(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(interp.InterpreterBuilder, "create_dot", counting)
+    return calls
+
+
+@interpreter_only
+def test_ignored_and_gated_tokens_cost_no_dots(monkeypatch):
+    calls = _count_dots(monkeypatch)
+    N, H, V = 64, 16, 64
+    h, w, t, _ = make_inputs(N=N, H=H, V=V, ignore_frac=0.0)
+    counts = {}
+    for name, tt, obj in [("all", t, "nll"), ("half-ignored", torch.where(torch.arange(N) % 2 == 0, t, -100), "nll"),
+                          ("all-gated-out", t, "nll_top:1.0")]:
+        ww = w.clone().requires_grad_()
+        calls.clear()
+        fo.linear_objective_loss(h, ww, tt, objective=obj, backend="triton").backward()
+        counts[name] = len(calls)
+    # 16-token blocks: half the tokens -> half the blocks; a gate keeping nothing -> no backward dots
+    tiles = (V // 32) * (N // 16)  # one H block per tile
+    assert counts["all"] == tiles * 3  # forward logits; backward recompute and dW (hidden is frozen)
+    assert counts["half-ignored"] * 2 == counts["all"]
+    assert counts["all-gated-out"] == tiles  # forward only
+
+
+@interpreter_only
+def test_frozen_weight_skips_dw_dots(monkeypatch):
+    calls = _count_dots(monkeypatch)
+    h, w, t, _ = make_inputs(N=32, H=16, V=64, ignore_frac=0.0)
+    counts = {}
+    for name, need_h, need_w in [("both", True, True), ("frozen-weight", True, False), ("frozen-hidden", False, True)]:
+        hh, ww = h.clone().requires_grad_(need_h), w.clone().requires_grad_(need_w)
+        calls.clear()
+        fo.linear_objective_loss(hh, ww, t, backend="triton").backward()
+        counts[name] = len(calls)
+    tiles = (32 // 16) * (64 // 32)
+    assert counts["both"] == tiles * 4  # forward logits, backward recompute, dX, dW
+    assert counts["frozen-weight"] == tiles * 3
+    assert counts["frozen-hidden"] == tiles * 3
+
+
+def _python(code: str, env_update: dict) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(env_update)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+
+
+def test_triton_on_cpu_without_interpreter_is_a_clear_error():
+    code = ("import torch, fused_objectives as fo\n"
+            "h = torch.randn(4, 8); w = torch.randn(10, 8); t = torch.randint(0, 10, (4,))\n"
+            "try:\n    fo.linear_objective_loss(h, w, t, backend='triton')\n"
+            "except ValueError as e:\n    print('ERR', e)\n")
+    out = _python(code, {})
+    assert "ERR" in out.stdout and "TRITON_INTERPRET=1" in out.stdout, out.stdout + out.stderr
+
+
+def test_import_is_light():
+    code = ("import sys, fused_objectives\n"
+            "print(sorted(m for m in ('triton', 'transformers') if m in sys.modules))\n")
+    out = _python(code, {})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", out.stdout
