@@ -110,7 +110,7 @@ def _prepare(hidden, weight, target, bias, ignore_index, shift, softcap, logit_s
         # hidden[..., t, :] predicts target[..., t + 1]; the last position predicts nothing
         pad = torch.full_like(target[..., :1], ignore_index)
         target = torch.cat([target[..., 1:], pad], dim=-1)
-    t1 = target.reshape(-1)
+    t1 = target.reshape(-1).contiguous()  # the kernels index targets with unit stride
     h2 = hidden.reshape(-1, hidden.shape[-1])
     valid = t1 != ignore_index
     V = weight.shape[0]

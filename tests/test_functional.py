@@ -152,6 +152,12 @@ def test_non_contiguous_inputs(backend):
     c = run(h_nc, w_nc, t_nc, b_nc, backend=backend, objective="neg_p")
     for key in a:
         torch.testing.assert_close(a[key], c[key], rtol=1e-5, atol=1e-7)
+    # 1-D strided views: every other token
+    h2, t2 = h.reshape(-1, h.shape[-1]), t.reshape(-1)
+    a = run(h2[::2].contiguous(), w, t2[::2].contiguous(), b, backend=backend)
+    c = run(h2[::2], w, t2[::2], b, backend=backend)
+    for key in a:
+        torch.testing.assert_close(a[key], c[key], rtol=1e-5, atol=1e-7)
 
 
 def test_extreme_logits_stay_finite(backend):
