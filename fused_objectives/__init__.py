@@ -5,6 +5,7 @@ Importing this package imports neither Triton nor transformers; both load on fir
 """
 from .backends import available_backends, register_backend
 from .functional import LossStats, linear_objective_loss, target_logprob
+from .integrations.hf import patch_model, patched, set_objective, unpatch_model  # imports transformers lazily
 from .module import LinearObjectiveLoss
 from .objectives import Objective, get_objective, list_objectives, register_objective
 from .options import LogitOptions
@@ -27,4 +28,8 @@ __all__ = [
     "register_backend",
     "probe",
     "ProbeResult",
+    "patch_model",
+    "unpatch_model",
+    "patched",
+    "set_objective",
 ]
