@@ -560,6 +560,15 @@ def _make_forward(original_func, state, bound: bool):
         @functools.wraps(original_func)
         def forward(self, *args, **kwargs):
             return _run(self, state, original_func, args, kwargs)
+
+        # inspect.signature(model.forward) (Trainer's column filter, generate's kwarg check) drops the first
+        # parameter of a bound method: declare `self` before the wrapped bound forward's own parameters
+        try:
+            sig = inspect.signature(original_func)
+            self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+            forward.__signature__ = sig.replace(parameters=[self_param, *sig.parameters.values()])
+        except (TypeError, ValueError):
+            pass
     else:
         @functools.wraps(original_func)
         def forward(self, *args, **kwargs):

@@ -1,0 +1,210 @@
+"""Patched models under gradient accumulation, transformers.Trainer, TRL's SFTTrainer and PEFT LoRA (CPU)."""
+import warnings
+
+import pytest
+import torch
+
+import fused_objectives as fo
+
+transformers = pytest.importorskip("transformers")
+from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
+
+V, T = 48, 10
+
+
+def tiny(**overrides):
+    cfg = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=8, vocab_size=V, max_position_embeddings=64,
+               pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    cfg.update(overrides)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **cfg)).train()
+
+
+def examples(n=4, seed=3):
+    """n same-length sequences with different masked prompt lengths (so micro-batches differ in token counts)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, V, (n, T), generator=g)
+    labels = ids.clone()
+    for i in range(n):
+        labels[i, : 2 + 2 * i] = -100
+    return ids, labels
+
+
+def grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_grads_close(g0, g1, rtol=1e-5):
+    assert set(g0) == set(g1) and g0
+    scale = max(g.abs().max().item() for g in g0.values())
+    for k in g0:
+        torch.testing.assert_close(g1[k], g0[k], rtol=0, atol=rtol * scale, msg=k)
+
+
+@pytest.mark.parametrize("objective", ["nll", "neg_p"])
+def test_gradient_accumulation_matches_one_batch(objective):
+    ids, labels = examples()
+    m = tiny()
+    fo.patch_model(m, objective=objective)
+    full = m(input_ids=ids, labels=labels).loss
+    full.backward()
+    g_full = grads(m)
+    m.zero_grad(set_to_none=True)
+    n_items = (labels[:, 1:] != -100).sum()
+    total = 0.0
+    for i in range(4):
+        loss = m(input_ids=ids[i:i + 1], labels=labels[i:i + 1], num_items_in_batch=n_items).loss
+        loss.backward()
+        total = total + loss.detach()
+    torch.testing.assert_close(total, full.detach(), rtol=1e-6, atol=1e-6)
+    assert_grads_close(g_full, grads(m))
+    if objective == "nll":  # and equal to the unpatched model's
+        fo.unpatch_model(m)
+        m.zero_grad(set_to_none=True)
+        ref = m(input_ids=ids, labels=labels).loss
+        ref.backward()
+        torch.testing.assert_close(full, ref, rtol=1e-6, atol=1e-6)
+        assert_grads_close(grads(m), g_full)
+
+
+class _ListDataset(torch.utils.data.Dataset):
+    def __init__(self, ids, labels):
+        self.ids, self.labels = ids, labels
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.labels[i], "attention_mask": torch.ones_like(self.ids[i])}
+
+
+def _args(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path), per_device_train_batch_size=1, per_device_eval_batch_size=4,
+                gradient_accumulation_steps=4, max_steps=1, learning_rate=0.5, optim="sgd",
+                lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=0.0, report_to=[],
+                save_strategy="no", logging_steps=1, use_cpu=True, dataloader_num_workers=0, seed=0,
+                disable_tqdm=True)
+    base.update(kw)
+    return transformers.TrainingArguments(**base)
+
+
+def test_trainer_gradient_accumulation_and_eval(tmp_path):
+    ids, labels = examples()
+    # expected update: one SGD step on the gradient of the whole batch of 4
+    ref = tiny()
+    fo.patch_model(ref, objective="neg_p")
+    ref(input_ids=ids, labels=labels).loss.backward()
+    expected = {n: p.detach() - 0.5 * p.grad for n, p in ref.named_parameters()}
+
+    m = tiny()
+    fo.patch_model(m, objective="neg_p")
+    trainer = transformers.Trainer(model=m, args=_args(tmp_path), train_dataset=_ListDataset(ids, labels),
+                                   eval_dataset=_ListDataset(ids, labels))
+    assert trainer.model_accepts_loss_kwargs  # so Trainer passes num_items_in_batch
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train()
+    for n, p in m.named_parameters():
+        torch.testing.assert_close(p.detach(), expected[n], rtol=1e-5, atol=1e-6, msg=n)
+    # evaluation runs the patched forward without grad (eval_objective None: the training objective)
+    metrics = trainer.evaluate()
+    with torch.no_grad():
+        m.eval()
+        want = m(input_ids=ids, labels=labels, attention_mask=torch.ones_like(ids)).loss
+    assert metrics["eval_loss"] == pytest.approx(want.item(), rel=1e-5)
+
+
+def _tokenizer():
+    tokenizers = pytest.importorskip("tokenizers")
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(V - 4)]
+    core = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    core.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+
+
+def _sft_dataset(n=16, seed=0):
+    datasets = pytest.importorskip("datasets")
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        k = int(torch.randint(2, 5, (1,), generator=g))
+        prompt = " ".join(f"w{int(x)}" for x in torch.randint(0, V - 4, (k,), generator=g))
+        completion = " " + " ".join(f"w{int(x)}" for x in torch.randint(0, V - 4, (4,), generator=g))
+        rows.append({"prompt": prompt, "completion": completion})
+    return datasets.Dataset.from_list(rows)
+
+
+def test_trl_sft_trainer_trains_with_the_objective(tmp_path):
+    trl = pytest.importorskip("trl")
+    tok = _tokenizer()
+    m = tiny()
+    fo.patch_model(m, objective="neg_p")
+    args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2,
+                         report_to=[], save_strategy="no", logging_steps=1, use_cpu=True, max_length=32,
+                         dataloader_num_workers=0, disable_tqdm=True, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = trl.SFTTrainer(model=m, args=args, train_dataset=_sft_dataset(), processing_class=tok)
+        batch = next(iter(trainer.get_train_dataloader()))
+        batch = {k: v for k, v in batch.items()}
+        loss = trainer.compute_loss(trainer.model, dict(batch))
+        # the loss SFTTrainer trains on is the patched objective (neg_p), not TRL's own NLL
+        plain = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
+        with torch.no_grad():
+            negp = m(**plain).loss
+            fo.set_objective(m, "nll")
+            nll = m(**plain).loss
+            fo.set_objective(m, "neg_p")
+        torch.testing.assert_close(loss.detach(), negp, rtol=1e-5, atol=1e-6)
+        assert abs(negp.item() - nll.item()) > 1e-2
+        before = m.lm_head.weight.detach().clone()
+        trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 4 and all(0.0 <= x <= 1.0 for x in losses)  # 1 - p lies in [0, 1]
+    assert not torch.equal(before, m.lm_head.weight)
+
+
+@pytest.mark.parametrize("where", ["attention", "lm_head", "modules_to_save"])
+def test_peft_lora_patched_matches_unpatched_and_trains(where):
+    peft = pytest.importorskip("peft")
+    ids, labels = examples()
+    base = tiny()
+    kw = dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+    if where == "lm_head":
+        kw["target_modules"] = ["q_proj", "v_proj", "lm_head"]
+    if where == "modules_to_save":
+        kw["modules_to_save"] = ["lm_head"]
+    model = peft.get_peft_model(base, peft.LoraConfig(task_type="CAUSAL_LM", **kw))
+    if where == "lm_head":  # a non-zero B so the head's adapter changes the logits
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lm_head.lora_B" in n:
+                    p.normal_(0, 0.1)
+    model.train()
+    out0 = model(input_ids=ids, labels=labels)
+    out0.loss.backward()
+    g0 = grads(model)
+    model.zero_grad(set_to_none=True)
+    assert fo.patch_model(model, objective="nll") is model
+    out1 = model(input_ids=ids, labels=labels)
+    assert out1.logits is None
+    out1.loss.backward()
+    torch.testing.assert_close(out1.loss, out0.loss, rtol=1e-5, atol=1e-6)
+    assert_grads_close(g0, grads(model), rtol=1e-4)
+    # a few SGD steps with another objective lower it
+    fo.set_objective(model, "neg_p")
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    first = None
+    for _ in range(5):
+        opt.zero_grad()
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        opt.step()
+        first = loss.item() if first is None else first
+    assert model(input_ids=ids, labels=labels).loss.item() < first
+    fo.unpatch_model(model)
+    assert model(input_ids=ids, labels=labels).logits is not None
