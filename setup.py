@@ -23,4 +23,5 @@ setup(
         "bench": ["liger-kernel", "matplotlib", "tqdm"],
         "dev": ["pytest", "pytest-benchmark", "pytest-xdist"],
     },
+    entry_points={"console_scripts": ["fused-objectives=fused_objectives.cli:main"]},
 )

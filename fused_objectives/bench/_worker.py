@@ -1,0 +1,36 @@
+"""One provider on one configuration in a fresh process (CPU memory must not see other providers).
+
+Usage (by the runner): ``python -m fused_objectives.bench._worker SPEC.json OUT.json``; the
+ground truth arrives as a ``torch.save`` file named in the spec.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+
+import torch
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    spec_path, out_path = argv
+    with open(spec_path) as f:
+        spec = json.load(f)
+    from .inputs import DTYPES, Result, make_inputs
+    from .measure import measure
+    from .providers import Problem, get_provider
+
+    gt = Result(**torch.load(spec["gt_path"], map_location="cpu"))
+    inp = make_inputs(spec["tokens"], spec["hidden"], spec["vocab"], DTYPES[spec["dtype"]], spec["device"],
+                      spec["ignored_fraction"], spec["seed"])
+    m = measure(get_provider(spec["provider"]), Problem(spec["objective"], spec["softcap"]), inp,
+                inp.head(spec["check_tokens"]), gt, spec["tolerance"], spec["warmup"], spec["repeats"],
+                spec.get("max_seconds"))
+    with open(out_path, "w") as f:
+        json.dump(dataclasses.asdict(m), f)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

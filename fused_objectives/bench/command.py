@@ -1,0 +1,229 @@
+"""``fused-objectives bench``: the command-line front of the benchmark (see ``runner`` and ``report``)."""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from typing import List, Optional
+
+HELP = "benchmark this engine against every alternative, checked against float64"
+
+DESCRIPTION = """\
+Measures this engine and every available alternative on the same inputs: forward, backward and
+forward+backward time, peak memory, useful TFLOP/s and the ratio to three bare GEMMs of the same
+shape. Each provider's loss, dX and dW are checked against a float64 reference first; a wrong
+provider is reported as wrong, with no speed-up. With no argument: the small CPU preset on CPU,
+llama3-8b at N=8192 on CUDA."""
+
+EPILOG = """\
+providers: fused (the backend 'auto' picks), fused-<backend> (forced), reference (eager, full fp32
+logits), torch_native (F.linear_cross_entropy chunked, torch >= 2.13), torch_compile, liger, cce,
+broken (self-test of the correctness gate; never a default). Unavailable ones are skipped with the reason.
+examples:
+  fused-objectives bench
+  fused-objectives bench --preset llama3-8b --tokens 4096 8192 --dtype bf16 --objective nll neg_p \\
+      --ignored-fraction 0 0.5 --json out.json --csv out.csv --plot out.png"""
+
+
+def _positive_int(flag: str):
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
+        if v <= 0:
+            raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
+        return v
+    return parse
+
+
+def _fraction(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {s!r}")
+    if not 0.0 <= v < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {v}")
+    return v
+
+
+def _objective(s: str) -> str:
+    import fused_objectives as fo
+    try:
+        return fo.get_objective(s).name
+    except (ValueError, TypeError, KeyError) as exc:
+        raise argparse.ArgumentTypeError(str(exc).strip("'\""))
+
+
+def _provider(s: str) -> str:
+    from .providers import all_providers
+    if s not in all_providers():
+        raise argparse.ArgumentTypeError(f"unknown provider {s!r}; expected one of "
+                                         f"{', '.join(all_providers())}")
+    return s
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .inputs import DTYPES
+    from .presets import PRESETS
+
+    parser.description, parser.epilog = DESCRIPTION, EPILOG
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    g = parser.add_argument_group("what to measure")
+    g.add_argument("--preset", nargs="+", choices=list(PRESETS), metavar="NAME",
+                   help="model shapes: " + ", ".join(f"{p.name} (H {p.hidden}, V {p.vocab}"
+                                                      + (f", softcap {p.softcap:g}" if p.softcap else "") + ")"
+                                                      for p in PRESETS.values()))
+    g.add_argument("--tokens", nargs="+", type=_positive_int("--tokens"), metavar="N",
+                   help="token counts (default: the preset's)")
+    g.add_argument("--hidden", type=_positive_int("--hidden"), metavar="H", help="custom shape: hidden size")
+    g.add_argument("--vocab", type=_positive_int("--vocab"), metavar="V", help="custom shape: vocabulary size")
+    g.add_argument("--softcap", type=float, metavar="C", help="custom shape: logit soft-cap")
+    g.add_argument("--objective", nargs="+", type=_objective, metavar="SPEC",
+                   help="objective specs, e.g. nll neg_p power:10 nll_top:0.2 (default: neg_p on CPU, nll neg_p on CUDA)")
+    g.add_argument("--provider", nargs="+", type=_provider, metavar="NAME",
+                   help="providers to run (default: every available one)")
+    g.add_argument("--dtype", choices=list(DTYPES), help="input dtype (default: bf16 on CUDA, fp32 on CPU)")
+    g.add_argument("--ignored-fraction", nargs="+", type=_fraction, metavar="F", default=None,
+                   help="share of every sequence that is an ignored prompt (default: 0)")
+    g.add_argument("--pass", dest="passes", nargs="+", choices=["fwd", "bwd", "fwd_bwd"], metavar="PASS",
+                   help="passes to report: fwd, bwd, fwd_bwd (default: all three; one loop measures them)")
+    g.add_argument("--device", help="cpu or cuda[:i] (default: cuda when available)")
+    h = parser.add_argument_group("how")
+    h.add_argument("--repeats", type=_positive_int("--repeats"), metavar="K",
+                   help="timed steps per provider, median reported (default: 10 on CUDA, 3 on CPU)")
+    h.add_argument("--warmup", type=int, metavar="W", help="untimed steps first (default: 3 on CUDA, 1 on CPU)")
+    h.add_argument("--max-seconds", type=float, metavar="S",
+                   help="stop a provider's timed steps once they took S seconds, after at least one "
+                        "(default: 5 on CPU, none on CUDA); records carry the repeats done")
+    h.add_argument("--check-tokens", type=_positive_int("--check-tokens"), metavar="N",
+                   help="tokens of the float64 correctness check (default: all, or a slice for huge shapes)")
+    h.add_argument("--in-process", action="store_true",
+                   help="on CPU, run providers in this process (faster; peak RSS then less isolated)")
+    h.add_argument("--seed", type=int, default=0)
+    o = parser.add_argument_group("output")
+    o.add_argument("--json", metavar="PATH", help="write {machine, records} JSON")
+    o.add_argument("--csv", metavar="PATH", help="write CSV (machine as '# key: value' lines first)")
+    o.add_argument("--plot", metavar="PATH", help="write a PNG: time and memory against tokens per provider")
+    o.add_argument("--note", default="", help="free text stored in the machine header (e.g. 'shared CPU')")
+    o.add_argument("--quiet", action="store_true", help="no progress lines")
+
+
+def build_plan(args: argparse.Namespace, parser: argparse.ArgumentParser):
+    import torch
+
+    from .presets import DEFAULT_CPU_PRESET, DEFAULT_GPU_PRESET, PRESETS
+    from .providers import default_provider_names
+    from .runner import Plan, Shape
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        parser.error(f"--device {device!r}: {exc}")
+    if dev.type not in ("cpu", "cuda"):
+        parser.error(f"--device must be cpu or cuda[:i], got {device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available on this machine")
+    custom = args.hidden is not None or args.vocab is not None
+    if custom and (args.hidden is None or args.vocab is None):
+        parser.error("--hidden and --vocab go together (a custom shape needs both)")
+    if custom and args.preset:
+        parser.error("use --preset or --hidden/--vocab, not both")
+    if args.softcap is not None and not custom:
+        parser.error("--softcap applies to a custom shape (--hidden/--vocab); presets carry their own")
+    if args.softcap is not None and not args.softcap > 0:
+        parser.error(f"--softcap must be > 0, got {args.softcap}")
+    shapes = []
+    if custom:
+        tokens = args.tokens or [1024]
+        shapes = [Shape("custom", n, args.hidden, args.vocab, args.softcap) for n in tokens]
+    else:
+        names = args.preset or [DEFAULT_GPU_PRESET if dev.type == "cuda" else DEFAULT_CPU_PRESET]
+        for name in names:
+            p = PRESETS[name]
+            tokens = args.tokens or (list(p.tokens) if args.preset or dev.type == "cpu" else [8192])
+            shapes += [Shape(p.name, n, p.hidden, p.vocab, p.softcap) for n in tokens]
+    cuda = dev.type == "cuda"
+    warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
+    if warmup < 0:
+        parser.error(f"--warmup must be >= 0, got {warmup}")
+    budget = args.max_seconds if args.max_seconds is not None else (None if cuda else 5.0)
+    if budget is not None and not budget > 0:
+        parser.error(f"--max-seconds must be > 0, got {budget}")
+    return Plan(max_seconds=budget, shapes=shapes, objectives=args.objective or (["nll", "neg_p"] if cuda else ["neg_p"]),
+                providers=args.provider or default_provider_names(dev),
+                dtype=args.dtype or ("bf16" if cuda else "fp32"), device=str(dev),
+                ignored_fractions=args.ignored_fraction or [0.0],
+                passes=args.passes or ["fwd", "bwd", "fwd_bwd"], warmup=warmup,
+                repeats=args.repeats or (10 if cuda else 3), check_tokens=args.check_tokens,
+                isolate=not args.in_process, seed=args.seed)
+
+
+class _Progress:
+    """A progress bar on a terminal (tqdm), one line per measurement otherwise; both on stderr."""
+
+    def __init__(self, total: int, quiet: bool):
+        self.quiet, self.done, self.total, self.bar = quiet, 0, total, None
+        self.t0 = time.monotonic()
+        if not quiet and sys.stderr.isatty():
+            try:
+                from tqdm import tqdm
+                self.bar = tqdm(total=total, file=sys.stderr, unit="run", leave=False)
+            except ImportError:
+                pass
+
+    def __call__(self, line: str):
+        self.done += 1
+        if self.quiet:
+            return
+        msg = f"[{self.done}/{self.total} {time.monotonic() - self.t0:5.0f}s] {line}"
+        if self.bar is not None:
+            self.bar.write(msg, file=sys.stderr)
+            self.bar.update(1)
+        else:
+            print(msg, file=sys.stderr, flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run(args: argparse.Namespace, parser: Optional[argparse.ArgumentParser] = None) -> int:
+    from . import report, runner
+
+    parser = parser or argparse.ArgumentParser(prog="fused-objectives bench")
+    plan = build_plan(args, parser)
+    command = "fused-objectives " + " ".join(shlex.quote(a) for a in getattr(args, "argv", []))
+    machine = report.machine_info(plan.device, args.note, command.strip())
+    if not args.quiet:
+        print(f"fused-objectives bench: {plan.units()} measurements on {plan.device} "
+              f"({machine.get('gpu') or machine.get('cpu')}), dtype {plan.dtype}, "
+              f"{plan.repeats} repeats after {plan.warmup} warm-up", file=sys.stderr, flush=True)
+    progress = _Progress(plan.units(), args.quiet)
+    checkpoint = (lambda recs: report.write_json(args.json, machine, recs)) if args.json else None
+    try:
+        records = runner.run(plan, progress, checkpoint)
+    finally:
+        progress.close()
+    print(report.table(records, machine))
+    written = []
+    if args.json:
+        report.write_json(args.json, machine, records)
+        written.append(args.json)
+    if args.csv:
+        report.write_csv(args.csv, machine, records)
+        written.append(args.csv)
+    if args.plot:
+        if report.write_plot(args.plot, machine, records):
+            written.append(args.plot)
+        else:
+            print("--plot: matplotlib is not installed (pip install 'fused_objectives[bench]'); no plot written",
+                  file=sys.stderr)
+    if written:
+        print("wrote " + ", ".join(written))
+    wrong = sorted({r["provider"] for r in records if r["status"] in ("wrong", "error")})
+    if wrong:
+        print(f"not correct or failed: {', '.join(wrong)} (no speed-up reported for them)")
+    return 0

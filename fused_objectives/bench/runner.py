@@ -1,0 +1,212 @@
+"""The sweep: shapes x token counts x objectives x ignored fractions x providers, one record per pass.
+
+For each configuration the inputs are made once, the float64 ground truth is computed once on them
+(or on their first ``check_tokens`` tokens for huge shapes), and every provider is checked against it
+before it is timed.  On CPU each provider runs in a fresh process (its peak RSS is its own); on CUDA
+in this process (peak allocated memory is exact there).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from .inputs import DTYPES, SEQ_LEN, errors, ground_truth, make_inputs, run_once, tolerance
+from .measure import PASSES, Measurement, finite, flops, measure, time_bare_gemms
+from .providers import Problem, Reference, get_provider
+
+# The float64 check materialises [check_tokens, V] logits (a few copies): keep it to this many elements.
+CHECK_ELEMENTS = {"cuda": 128 * 2**20, "cpu": 32 * 2**20}
+
+
+@dataclass(frozen=True)
+class Shape:
+    preset: str
+    tokens: int
+    hidden: int
+    vocab: int
+    softcap: Optional[float] = None
+
+
+@dataclass
+class Plan:
+    shapes: List[Shape]
+    objectives: List[str]
+    providers: List[str]
+    dtype: str
+    device: str
+    ignored_fractions: List[float] = field(default_factory=lambda: [0.0])
+    passes: List[str] = field(default_factory=lambda: list(PASSES))
+    warmup: int = 1
+    repeats: int = 3
+    check_tokens: Optional[int] = None
+    isolate: bool = True
+    seed: int = 0
+    max_seconds: Optional[float] = None
+
+    def units(self) -> int:
+        return len(self.shapes) * len(self.objectives) * len(self.ignored_fractions) * len(self.providers)
+
+
+def auto_check_tokens(tokens: int, vocab: int, device: str) -> int:
+    budget = CHECK_ELEMENTS["cuda" if device.startswith("cuda") else "cpu"]
+    n = max(SEQ_LEN, (budget // vocab) // SEQ_LEN * SEQ_LEN)
+    return min(tokens, n)
+
+
+def _record(shape: Shape, plan: Plan, provider: str, objective: str, ignored: float, n_valid: int,
+            pass_: str, m: Optional[Measurement], status: str, reason: str, label: str = "") -> dict:
+    rec = {
+        "provider": provider, "objective": objective, "preset": shape.preset, "tokens": shape.tokens,
+        "hidden": shape.hidden, "vocab": shape.vocab, "dtype": plan.dtype, "device": plan.device,
+        "pass": pass_, "time_ms": None, "peak_mem_mb": None, "tflops": None, "matmul_ratio": None,
+        "correct": None, "max_rel_error": None,
+        "status": status, "reason": reason, "backend": label, "softcap": shape.softcap,
+        "ignored_fraction": ignored, "valid_tokens": n_valid, "speedup_vs_reference": None,
+        "extra_mem_mb": None, "grad_mem_mb": None, "tolerance": None, "check_tokens": None,
+        "err_loss": None, "err_dx": None, "err_dw": None, "repeats": None, "times_ms": None,
+    }
+    if m is not None:
+        t = m.time_ms.get(pass_)
+        rec.update(correct=m.correct, max_rel_error=finite(m.max_rel_error), tolerance=m.tolerance,
+                   check_tokens=m.check_tokens, time_ms=t, times_ms=m.times_ms.get(pass_),
+                   repeats=len(m.times_ms.get(pass_) or []) or None,
+                   err_loss=finite(m.errors.get("loss")), err_dx=finite(m.errors.get("dx")),
+                   err_dw=finite(m.errors.get("dw")))
+        if t:
+            rec["tflops"] = flops(pass_, n_valid, shape.hidden, shape.vocab) / (t * 1e-3) / 1e12
+        mem = m.peak_mem_mb.get(pass_)
+        if mem is not None:
+            rec["peak_mem_mb"] = mem
+            rec["grad_mem_mb"] = m.grad_mem_mb if pass_ != "fwd" else 0.0
+            rec["extra_mem_mb"] = max(0.0, mem - rec["grad_mem_mb"])
+    return rec
+
+
+def _run_isolated(provider: str, shape: Shape, plan: Plan, objective: str, ignored: float, check_tokens: int,
+                  tol: float, gt_path: str, tmp: str) -> Measurement:
+    spec = {"provider": provider, "tokens": shape.tokens, "hidden": shape.hidden, "vocab": shape.vocab,
+            "softcap": shape.softcap, "dtype": plan.dtype, "device": plan.device, "objective": objective,
+            "ignored_fraction": ignored, "seed": plan.seed, "warmup": plan.warmup, "repeats": plan.repeats,
+            "max_seconds": plan.max_seconds,
+            "check_tokens": check_tokens, "tolerance": tol, "gt_path": gt_path}
+    spec_path, out_path = os.path.join(tmp, "spec.json"), os.path.join(tmp, "out.json")
+    with open(spec_path, "w") as f:
+        json.dump(spec, f)
+    if os.path.exists(out_path):
+        os.remove(out_path)
+    env = dict(os.environ)
+    pkg_root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    proc = subprocess.run([sys.executable, "-m", "fused_objectives.bench._worker", spec_path, out_path],
+                          env=env, capture_output=True, text=True)
+    if proc.returncode != 0 or not os.path.exists(out_path):
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        return Measurement(status="error", correct=False,
+                           reason=f"worker process exited with {proc.returncode}: {tail[0]}")
+    with open(out_path) as f:
+        return Measurement(**json.load(f))
+
+
+def run(plan: Plan, progress: Optional[Callable[[str], None]] = None,
+        checkpoint: Optional[Callable[[List[dict]], None]] = None) -> List[dict]:
+    """Run the sweep; ``progress(line)`` is called after each provider measurement and
+    ``checkpoint(records so far)`` after each configuration (a run cut short keeps its results)."""
+    say = progress or (lambda line: None)
+    device = torch.device(plan.device)
+    dtype = DTYPES[plan.dtype]
+    records: List[dict] = []
+    with tempfile.TemporaryDirectory(prefix="fo-bench-") as tmp:
+        for shape in plan.shapes:
+            base = make_inputs(shape.tokens, shape.hidden, shape.vocab, dtype, device, 0.0, plan.seed)
+            gemm = time_bare_gemms(base, plan.warmup, plan.repeats)
+            del base
+            for objective in plan.objectives:
+                for ignored in plan.ignored_fractions:
+                    recs = _run_config(plan, shape, objective, ignored, device, dtype, tmp, say)
+                    for p in plan.passes:
+                        recs.append(_gemm_record(shape, plan, objective, ignored, p, gemm[p]))
+                    records += recs
+                    if checkpoint is not None:
+                        add_ratios(records)
+                        checkpoint(records)
+    add_ratios(records)
+    return records
+
+
+def _gemm_record(shape, plan, objective, ignored, pass_, t) -> dict:
+    rec = _record(shape, plan, "bare_gemm", objective, ignored, shape.tokens, pass_, None, "baseline",
+                  "the three GEMMs of this shape (logits, dX, dW), no softmax: the physical limit")
+    rec.update(time_ms=t, repeats=plan.repeats, tflops=flops(pass_, shape.tokens, shape.hidden, shape.vocab) / (t * 1e-3) / 1e12,
+               matmul_ratio=1.0)
+    return rec
+
+
+def _run_config(plan, shape, objective, ignored, device, dtype, tmp, say) -> List[dict]:
+    problem = Problem(objective, shape.softcap)
+    inp = make_inputs(shape.tokens, shape.hidden, shape.vocab, dtype, device, ignored, plan.seed)
+    n_valid = inp.n_valid
+    n_check = min(plan.check_tokens or auto_check_tokens(shape.tokens, shape.vocab, plan.device), shape.tokens)
+    check_inp = inp.head(n_check)
+    gt = ground_truth(check_inp, objective, shape.softcap)
+    # the same-dtype reference's own error sets how close a provider must be (see inputs.tolerance)
+    ref_err = max(errors(run_once(Reference().build(device, dtype, problem), check_inp), gt).values())
+    check_inp.hidden.grad = check_inp.weight.grad = None
+    tol = tolerance(dtype, ref_err)
+    gt_path = None
+    isolate = plan.isolate and device.type == "cpu"
+    if isolate:
+        gt_path = os.path.join(tmp, "gt.pt")
+        torch.save({k: (v.cpu() if v is not None else None) for k, v in dataclasses.asdict(gt).items()}, gt_path)
+        del inp, check_inp
+    out: List[dict] = []
+    where = f"{shape.preset} N={shape.tokens} {plan.dtype} {objective} ignored={ignored:g}"
+    for name in plan.providers:
+        provider = get_provider(name)
+        reason = provider.unavailable_reason(device, dtype, problem)
+        if reason is not None:
+            say(f"{where} {name}: skipped ({reason})")
+            out += [_record(shape, plan, name, objective, ignored, n_valid, p, None, "skipped", reason)
+                    for p in plan.passes]
+            continue
+        if isolate:
+            m = _run_isolated(name, shape, plan, objective, ignored, n_check, tol, gt_path, tmp)
+        else:
+            m = measure(provider, problem, inp, check_inp, gt, tol, plan.warmup, plan.repeats, plan.max_seconds)
+        out += [_record(shape, plan, name, objective, ignored, n_valid, p, m, m.status, m.reason, m.label)
+                for p in plan.passes]
+        summary = (f"{m.time_ms.get('fwd_bwd', float('nan')):.1f} ms fwd+bwd" if m.time_ms else "")
+        verdict = {"ok": "correct", "wrong": "WRONG", "error": "ERROR"}[m.status]
+        say(f"{where} {name}: {summary} {verdict}" + (f" ({m.reason})" if m.reason else ""))
+    del gt
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+def _key(r: dict) -> tuple:
+    return (r["preset"], r["tokens"], r["hidden"], r["vocab"], r["dtype"], r["device"], r["objective"],
+            r["ignored_fraction"], r["pass"])
+
+
+def add_ratios(records: Sequence[dict]) -> None:
+    """``matmul_ratio`` (time / bare GEMMs) and ``speedup_vs_reference`` (reference time / time), the
+    latter only where both the provider and the reference passed the correctness check."""
+    gemm = {_key(r): r["time_ms"] for r in records if r["provider"] == "bare_gemm"}
+    ref = {_key(r): r["time_ms"] for r in records
+           if r["provider"] == "reference" and r["correct"] and r["time_ms"]}
+    for r in records:
+        if r["provider"] == "bare_gemm" or not r["time_ms"]:
+            continue
+        g = gemm.get(_key(r))
+        r["matmul_ratio"] = r["time_ms"] / g if g else None
+        t_ref = ref.get(_key(r))
+        r["speedup_vs_reference"] = t_ref / r["time_ms"] if (r["correct"] and t_ref) else None
