@@ -275,6 +275,9 @@ def _route(model) -> _Route:
     if hasattr(model, "get_base_model") and callable(model.get_base_model):  # PEFT wrappers
         model = model.get_base_model()
     name = type(model).__name__
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        raise ValueError(f"cannot probe {name}: it is an encoder-decoder model; the probe measures decoder-only "
+                         f"causal LMs (the paper's setting)")
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is None:
         raise ValueError(f"cannot probe {name}: it has no LM head (get_output_embeddings() is missing or "
@@ -645,7 +648,11 @@ def _encode_chat(tokenizer, record, where, messages_field):
     _check_messages(messages, where, messages_field)
 
     def render(msgs, gen):
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+        try:
+            return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+        except Exception as e:  # jinja2 TemplateError, or a template's own raise_exception(...)
+            raise ValueError(f"{where}: the chat template cannot render the first {len(msgs)} messages "
+                             f"({type(e).__name__}: {e})") from None
 
     segments: List[Tuple[str, bool]] = []
     done = ""
@@ -830,7 +837,7 @@ def _run(args) -> int:
         "model": args.model, "data": args.data, "max_length": args.max_length,
         "truncated": sum(e.truncated for e in encoded),
         "mode": "messages" if args.messages_field else "prompt/response",
-        "device": str(result.info.get("device", next(model.parameters()).device)),
+        "device": str(next(model.parameters()).device), "backend": args.backend,
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
     })
     print(result.report())

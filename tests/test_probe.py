@@ -266,3 +266,34 @@ def test_plot_writes_png(tok, tmp_path):
     res = fo.probe(model, P.make_batches(P.encode_records(tok, _records(3)), 3, tok.pad_token_id))
     path = res.plot(str(tmp_path / "p.png"))
     assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_probe_with_fused_triton_kernels(tok):
+    """The probe's numbers through the Triton kernels (the interpreter on CPU) equal the full logits."""
+    pytest.importorskip("triton")
+    model = make_tiny.make_model(tok, hidden=32)
+    batches = P.make_batches(P.encode_records(tok, _records(3)), 3, tok.pad_token_id)
+    res = fo.probe(model, batches, backend="triton")
+    assert res.mean_p == pytest.approx(float(_full_logits_probs(model, batches).mean()), rel=1e-4)
+
+
+def test_chat_template_errors_name_the_record(tok):
+    strict = make_tiny.make_tokenizer()
+    strict.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                            "{{ raise_exception('no system role') }}{% endif %}{{ m['content'] }}{% endfor %}")
+    rec = {"messages": make_tiny.make_records(1)[0]["messages"]}
+    with pytest.raises(ValueError, match="rec 4: the chat template cannot render .*no system role"):
+        P.encode_records(strict, [("rec 4", rec)], messages_field="messages")
+    # a template that rewrites earlier turns cannot be scored by prefix
+    shifty = make_tiny.make_tokenizer()
+    shifty.chat_template = ("{{ messages | length }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+                            "{% if add_generation_prompt %}>{% endif %}")
+    with pytest.raises(ValueError, match="rec 5: the tokenizer's chat template does not render this conversation"):
+        P.encode_records(shifty, [("rec 5", rec)], messages_field="messages")
+
+
+def test_refuses_encoder_decoder(tok):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2)
+    with pytest.raises(ValueError, match="encoder-decoder"):
+        fo.probe(transformers.T5ForConditionalGeneration(cfg), [])
