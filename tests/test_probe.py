@@ -297,3 +297,14 @@ def test_refuses_encoder_decoder(tok):
     cfg = transformers.T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2)
     with pytest.raises(ValueError, match="encoder-decoder"):
         fo.probe(transformers.T5ForConditionalGeneration(cfg), [])
+
+
+def test_probe_of_a_patched_model_is_unchanged(tok):
+    """fo.patch_model changes only training forwards (with labels); the probe reads the same numbers."""
+    if not hasattr(fo, "patch_model"):
+        pytest.skip("fo.patch_model is not available")
+    model = make_tiny.make_model(tok)
+    batches = P.make_batches(P.encode_records(tok, _records(3)), 3, tok.pad_token_id)
+    before = fo.probe(model, batches).mean_p
+    with fo.patched(model, objective="neg_p"):
+        assert fo.probe(model, batches).mean_p == pytest.approx(before, rel=1e-6)
