@@ -81,7 +81,8 @@ def recommend(mean_p: float, frac_below_0_2: float, cut_points: Sequence[float] 
         why = (f"mean p {mean_p:.3f} >= {high:g}: the base model already assigns high probability to the "
                f"reference tokens, like the paper's math data (mean p 0.76-0.81), where prior-leaning "
                f"objectives beat NLL (Qwen2.5-Math-1.5B, 5 benchmarks: NLL 17.00, nll_top:0.2 32.04, "
-               f"neg_p 32.75). "
+               f"neg_p 32.75; Qwen2.5-Math-7B: NLL 22.67, nll_top:0.2 38.16, neg_p 36.51, so either is a good "
+               f"choice). "
                f"nll_top:0.2 would at first leave out the {frac_below_0_2:.1%} of tokens with p < 0.2.")
     elif mean_p <= low:
         zone, objective, alternatives = "model-weak", "nll", []
