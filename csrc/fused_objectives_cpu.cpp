@@ -239,10 +239,14 @@ void check_common(const at::Tensor& hidden, const at::Tensor& weight, const std:
 
 // Rows [r0, r0 + rows) of the active tokens as an fp32 [rows, H] matrix: a view of `hidden` when
 // possible (fp32, every token active), else gathered and upcast into `xbuf`.
+bool direct_rows(const at::Tensor& hidden, bool identity) {
+  return identity && hidden.scalar_type() == at::kFloat && hidden.stride(1) == 1;
+}
+
 at::Tensor token_chunk(const at::Tensor& hidden, const at::Tensor& idx, bool identity, int64_t r0, int64_t rows,
                        at::Tensor& xbuf) {
   const int64_t H = hidden.size(1);
-  if (identity && hidden.scalar_type() == at::kFloat && hidden.stride(1) == 1) return hidden.narrow(0, r0, rows);
+  if (direct_rows(hidden, identity)) return hidden.narrow(0, r0, rows);
   at::Tensor dst = xbuf.narrow(0, 0, rows * H).view({rows, H});
   if (identity) dst.copy_(hidden.narrow(0, r0, rows));
   else dst.copy_(hidden.index_select(0, idx.narrow(0, r0, rows)));
@@ -250,9 +254,11 @@ at::Tensor token_chunk(const at::Tensor& hidden, const at::Tensor& idx, bool ide
 }
 
 // Rows [v0, v0 + cols) of the weight as fp32 [cols, H]: a view when fp32, else upcast into `wbuf`.
+bool direct_cols(const at::Tensor& weight) { return weight.scalar_type() == at::kFloat && weight.stride(1) == 1; }
+
 at::Tensor vocab_chunk(const at::Tensor& weight, int64_t v0, int64_t cols, at::Tensor& wbuf) {
   const int64_t H = weight.size(1);
-  if (weight.scalar_type() == at::kFloat && weight.stride(1) == 1) return weight.narrow(0, v0, cols);
+  if (direct_cols(weight)) return weight.narrow(0, v0, cols);
   at::Tensor dst = wbuf.narrow(0, 0, cols * H).view({cols, H});
   dst.copy_(weight.narrow(0, v0, cols));
   return dst;
@@ -274,7 +280,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_forward(
   const bool identity = Na == N;
   at::Tensor state = at::zeros({3, identity ? 0 : N}, f32);
   at::Tensor amax = at::zeros({identity ? 0 : N}, hidden.options().dtype(at::kLong));
-  if (Na == 0) return {state[2], state, amax};
+  if (Na == 0) return {state[2].clone(), state, amax};
 
   at::Tensor tgt = identity ? target.contiguous() : target.index_select(0, idx);
   at::Tensor m = at::full({Na}, kNegInf, f32);
@@ -287,8 +293,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_forward(
 
   const int64_t R = std::min(chunk_rows, Na), C = std::min(chunk_cols, V);
   at::Tensor zbuf = at::empty({R * C}, f32);
-  at::Tensor xbuf = at::empty({(identity && hidden.scalar_type() == at::kFloat) ? 0 : R * H}, f32);
-  at::Tensor wbuf = at::empty({weight.scalar_type() == at::kFloat ? 0 : C * H}, f32);
+  at::Tensor xbuf = at::empty({direct_rows(hidden, identity) ? 0 : R * H}, f32);
+  at::Tensor wbuf = at::empty({direct_cols(weight) ? 0 : C * H}, f32);
   FwdState st{m.data_ptr<float>(), rest.data_ptr<float>(), am.data_ptr<int64_t>(), tl.data_ptr<float>(),
               tgt.data_ptr<int64_t>()};
   for (int64_t v0 = 0; v0 < V; v0 += C) {
@@ -311,7 +317,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_forward(
   if (identity) return {logp, state_a, am};
   state.index_copy_(1, idx, state_a);
   amax.index_copy_(0, idx, am);
-  return {state[2], state, amax};
+  return {state[2].clone(), state, amax};
 }
 
 using OptTensor = std::optional<at::Tensor>;
@@ -350,8 +356,8 @@ std::tuple<OptTensor, OptTensor, OptTensor> grad_backward(
 
     const int64_t R = std::min(chunk_rows, Na), C = std::min(chunk_cols, V);
     at::Tensor zbuf = at::empty({R * C}, f32);
-    at::Tensor xbuf = at::empty({(identity && x32) ? 0 : R * H}, f32);
-    at::Tensor wbuf = at::empty({w32 ? 0 : C * H}, f32);
+    at::Tensor xbuf = at::empty({direct_rows(hidden, identity) ? 0 : R * H}, f32);
+    at::Tensor wbuf = at::empty({direct_cols(weight) ? 0 : C * H}, f32);
     // dX of a gathered chunk goes through this buffer, then to its rows
     at::Tensor tbuf = at::empty({(need_dx && !identity) ? R * H : 0}, f32);
     at::Tensor dwbuf = at::empty({(need_dw && !w32) ? C * H : 0}, f32);

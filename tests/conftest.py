@@ -28,7 +28,7 @@ def _seed():
 
 
 # Fused backends the core suite runs on (the reference is the ground truth, always tested).
-FUSED_BACKENDS = ["triton"]
+FUSED_BACKENDS = ["triton", "cpu"]
 
 
 @pytest.fixture(params=FUSED_BACKENDS)

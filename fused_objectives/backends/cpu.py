@@ -65,6 +65,12 @@ def _cpu_signature() -> str:
     return platform.processor() or platform.machine()
 
 
+def _cache_root() -> Path:
+    """Per-user build cache: ``TORCH_EXTENSIONS_DIR`` if set, else ``~/.cache/torch_extensions``."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    return Path(root) if root else Path.home() / ".cache" / "torch_extensions"
+
+
 def _missing_tools() -> Optional[str]:
     from torch.utils.cpp_extension import is_ninja_available
 
@@ -108,17 +114,25 @@ class _Loader:
             return (f"backend='cpu': its C++ source {_SOURCE} is missing from this installation "
                     f"(expected in fused_objectives/_csrc/ or the repository's csrc/); reinstall the "
                     f"package, or pass backend='reference'")
-        missing = _missing_tools()
-        if missing is not None:
-            return missing
         from torch.utils.cpp_extension import load
 
         cflags = _cflags()
         key = hashlib.sha256("\0".join([src.read_text(), " ".join(cflags), torch.__version__,
                                         _cpu_signature()]).encode()).hexdigest()[:12]
+        name = f"{_LIB_NAME}_{key}"
+        build_dir = _cache_root() / name
+        missing = _missing_tools()
+        if missing is not None:
+            # a library this machine already built loads without a compiler
+            built = build_dir / f"{name}.so"
+            if not built.is_file():
+                return missing
+            torch.ops.load_library(str(built))
+            return None
+        build_dir.mkdir(parents=True, exist_ok=True)
         try:
-            load(name=f"{_LIB_NAME}_{key}", sources=[str(src)], extra_cflags=cflags,
-                 extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+            load(name=name, sources=[str(src)], extra_cflags=cflags, extra_ldflags=["-fopenmp"],
+                 build_directory=str(build_dir), is_python_module=False, verbose=False)
         except Exception as exc:  # the compiler's output is in the message
             detail = str(exc).strip()
             if len(detail) > 4000:
@@ -141,8 +155,8 @@ def _register_fakes() -> None:
     @torch.library.register_fake("fused_objectives::lse_forward")
     def _lse_forward_fake(hidden, weight, bias, target, valid, logit_scale, softcap, chunk_rows, chunk_cols):
         n = hidden.shape[0]
-        state = hidden.new_empty((3, n), dtype=torch.float32)
-        return state[2], state, hidden.new_empty((n,), dtype=torch.int64)
+        return (hidden.new_empty((n,), dtype=torch.float32), hidden.new_empty((3, n), dtype=torch.float32),
+                hidden.new_empty((n,), dtype=torch.int64))
 
     @torch.library.register_fake("fused_objectives::grad_backward")
     def _grad_backward_fake(hidden, weight, bias, target, state, coef, logit_scale, softcap,
@@ -161,15 +175,13 @@ def plan_chunks(n: int, v: int, h: int, x32: bool, w32: bool, budget_bytes: int,
     (``rows * h`` each); together they stay within ``budget_bytes`` (down to the minimum tile).
     """
     tile = max(4 * MIN_COLS, min(tile_bytes, budget_bytes // 2))
+    per_col = 0 if w32 else 2 * 4 * h  # upcast weight rows + dW slab rows
+    per_row = 2 * 4 * h  # gathered token rows + their dX
+    # aim at >= 8 rows per tile, then narrow the columns until at least one row fits the budget
     cols = min(v, MAX_COLS, max(MIN_COLS, tile // (4 * 8)))
-    per_col = 0 if w32 else 2 * 4 * h
-    if per_col:
-        cols = min(cols, max(MIN_COLS, (budget_bytes - tile) // per_col))
-    cols = max(1, min(cols, v))
-    rows = max(1, tile // (4 * cols))
-    per_row = 2 * 4 * h
-    rows = min(rows, max(1, (budget_bytes - rows * cols * 4 - cols * per_col) // per_row))
-    return max(1, min(rows, max(n, 1))), cols
+    cols = max(1, min(cols, v, max(MIN_COLS, (budget_bytes - per_row) // (4 + per_col))))
+    rows = min(tile // (4 * cols), (budget_bytes - cols * per_col) // (4 * cols + per_row))
+    return max(1, min(rows, n)), cols
 
 
 class CPUBackend:
