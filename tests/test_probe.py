@@ -308,3 +308,15 @@ def test_probe_of_a_patched_model_is_unchanged(tok):
     before = fo.probe(model, batches).mean_p
     with fo.patched(model, objective="neg_p"):
         assert fo.probe(model, batches).mean_p == pytest.approx(before, rel=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_probe_on_cuda_fused(tok, dtype):
+    """On a GPU the probe runs the compiled Triton kernels; mean p equals the model's own logits'."""
+    model = make_tiny.make_model(tok, vocab_size=1000).to("cuda", dtype)
+    batches = P.make_batches(P.encode_records(tok, _records()), 3, tok.pad_token_id)
+    res = fo.probe(model, batches)
+    gt = _full_logits_probs(model, [{k: v.cuda() for k, v in b.items()} for b in batches])
+    rel = 1e-4 if dtype == torch.float32 else 2e-2
+    assert res.mean_p == pytest.approx(float(gt.mean()), rel=rel)
