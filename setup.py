@@ -13,9 +13,14 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["fused_objectives", "fused_objectives.*"]),
+    # the C++ source of backend="cpu" ships inside the package (fused_objectives/_csrc/) and is
+    # compiled on first use (torch.utils.cpp_extension + ninja), so a wheel needs no build step
+    packages=find_packages(include=["fused_objectives", "fused_objectives.*"]) + ["fused_objectives._csrc"],
+    package_dir={"fused_objectives._csrc": "csrc"},
+    package_data={"fused_objectives._csrc": ["*.cpp"]},
     install_requires=[
         "torch>=2.4",
+        "ninja",
         "triton>=3.0; platform_system == 'Linux'",
     ],
     extras_require={
