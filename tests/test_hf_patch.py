@@ -407,6 +407,18 @@ def test_trl_fused_lm_head_protocol_gets_the_objective():
     assert m.lm_head.weight.grad is not None
 
 
+def test_decoder_run_outside_the_patched_forward_in_training_is_refused():
+    m = tiny()
+    ids = batch()["input_ids"]
+    fo.patch_model(m, objective="neg_p")
+    with pytest.raises(UnsupportedModelError, match="outside the patched forward"):
+        m.model(input_ids=ids)  # e.g. a trainer computing its own loss from the hidden states
+    with torch.no_grad():
+        m.model(input_ids=ids)  # fine without grad (feature extraction, probes)
+    fo.unpatch_model(m)
+    m.model(input_ids=ids)
+
+
 def test_liger_needs_cuda_on_cpu():
     pytest.importorskip("liger_kernel")
     m = tiny()

@@ -208,3 +208,25 @@ def test_peft_lora_patched_matches_unpatched_and_trains(where):
     assert model(input_ids=ids, labels=labels).loss.item() < first
     fo.unpatch_model(model)
     assert model(input_ids=ids, labels=labels).logits is not None
+
+
+def test_trl_wrapping_a_patched_model_in_peft_itself_still_trains_on_the_objective(tmp_path):
+    trl = pytest.importorskip("trl")
+    peft = pytest.importorskip("peft")
+    m = tiny()
+    fo.patch_model(m, objective="neg_p")
+    args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, report_to=[],
+                         save_strategy="no", use_cpu=True, max_length=32, dataloader_num_workers=0,
+                         disable_tqdm=True, logging_steps=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = trl.SFTTrainer(model=m, args=args, train_dataset=_sft_dataset(), processing_class=_tokenizer(),
+                                 peft_config=peft.LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+        batch = next(iter(trainer.get_train_dataloader()))
+        loss = trainer.compute_loss(trainer.model, dict(batch))
+        plain = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
+        with torch.no_grad():
+            want = trainer.model(**plain).loss
+        torch.testing.assert_close(loss.detach(), want, rtol=1e-5, atol=1e-6)
+        trainer.train()
+    assert all(0.0 <= h["loss"] <= 1.0 for h in trainer.state.log_history if "loss" in h)

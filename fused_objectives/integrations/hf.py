@@ -16,7 +16,8 @@ unpatched) are untouched.  Two things change for the length of that call:
   that loss instead of the cross-entropy.
 
 The loss function then checks what the forward did: the probe must have gone through exactly the
-logit transform the config declares (Gemma-2/3 ``final_logit_softcapping``, Cohere ``logit_scale``,
+logit transform the config declares (Gemma-2/3 ``final_logit_softcapping``, RecurrentGemma
+``logits_soft_cap``, Cohere ``logit_scale``,
 Granite ``logits_scaling``, Falcon-H1 ``lm_head_multiplier``), and the labels, ``shift_labels``,
 ``num_items_in_batch``, ``ignore_index`` and vocabulary size it receives must be the ones the fused
 loss used.  Anything else (a forward that never calls its head or its ``loss_function``, changes the
@@ -179,6 +180,8 @@ def _logit_transform(model):
         # HyperCLOVA X multiplies by logits_scaling; Granite and MiniCPM3 divide (the probe checks which)
         scale = scale * float(value) if getattr(tc, "model_type", None) == "hyperclovax" else scale / float(value)
     softcap = getattr(tc, "final_logit_softcapping", None)
+    if softcap is None:
+        softcap = getattr(tc, "logits_soft_cap", None)  # RecurrentGemma
     return (None if scale == 1.0 else scale), (None if softcap is None else float(softcap))
 
 
@@ -330,8 +333,9 @@ def _same(a, b) -> bool:
 class _Call:
     """State of one patched training forward: what the head computed and what the loss must see."""
 
-    def __init__(self, model, state, objective, labels, shift_labels, num_items, trl):
+    def __init__(self, model, state, objective, labels, shift_labels, num_items, trl, keep_given=False):
         self.model, self.state, self.objective = model, state, objective
+        self.keep_given = keep_given
         self.labels, self.shift_labels, self.num_items, self.trl = labels, shift_labels, num_items, trl
         self.scale, self.softcap = _logit_transform(model)
         self.head_calls = self.loss_calls = 0
@@ -366,6 +370,9 @@ class _Call:
         self.target_shape = tuple(target.shape)
         target = target.to(x.device).reshape(-1)
         h2 = h.reshape(-1, h.shape[-1])
+        if target.numel() != h2.shape[0] and not self.keep_given:
+            _refuse(model, f"its head receives {h2.shape[0]} positions (hidden {tuple(x.shape)}) for "
+                           f"{target.numel()} label positions, not one position per label")
         if target.numel() != h2.shape[0]:
             raise ValueError(f"labels give {target.numel()} target positions (shape {tuple(target.shape)}) but the "
                              f"LM head received {h2.shape[0]} positions (hidden {tuple(x.shape)}); with labels, "
@@ -503,7 +510,10 @@ def _run(model, state: _PatchState, original, args, kwargs):
         objective = opts.eval_objective if (opts.eval_objective is not None and not model.training) else opts.objective
         head = model.get_output_embeddings()
         _check_head(model, head, model.training)
-        call = _Call(model, state, objective, labels, kwargs.get("shift_labels"), kwargs.get("num_items_in_batch"), trl)
+        keep = kwargs.get("logits_to_keep", 0)
+        keep_given = isinstance(keep, torch.Tensor) or keep not in (0, None)
+        call = _Call(model, state, objective, labels, kwargs.get("shift_labels"), kwargs.get("num_items_in_batch"), trl,
+                     keep_given)
         return_dict = kwargs.pop("return_dict", None)
         if return_dict is None:
             return_dict = getattr(model.config, "return_dict", True)
