@@ -16,7 +16,7 @@ import torch
 import fused_objectives as fo
 
 IGNORE_INDEX = -100
-SEQ_LEN = 256  # tokens per simulated sequence; the prompt is the first part of each one
+SEQ_LEN = 256  # tokens per simulated sequence (or all of them, when fewer); the prompt starts each one
 MAX_MARGIN = 16.0  # target-logit boost drawn uniformly in [0, MAX_MARGIN]: p spans (0, 1) at V ~ 1e5
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -59,8 +59,9 @@ def make_inputs(tokens: int, hidden: int, vocab: int, dtype: torch.dtype, device
     # adds exactly `margin` to each token's target logit
     x += (margin / wy.pow(2).sum(1))[:, None] * wy
     del wy
-    pos = torch.arange(tokens, device=device) % SEQ_LEN
-    y = torch.where(pos < round(ignored_fraction * SEQ_LEN), torch.full_like(y, IGNORE_INDEX), y)
+    seq = min(SEQ_LEN, tokens)
+    pos = torch.arange(tokens, device=device) % seq
+    y = torch.where(pos < round(ignored_fraction * seq), torch.full_like(y, IGNORE_INDEX), y)
     return Inputs(x.to(dtype).requires_grad_(), w.to(dtype).requires_grad_(), y)
 
 
