@@ -122,7 +122,7 @@ def test_patch_class_and_model_type_string():
         fo.unpatch_model(m)
     finally:
         fo.unpatch_model(LlamaForCausalLM)
-    assert LlamaForCausalLM.__dict__["forward"] is saved
+    assert LlamaForCausalLM.__dict__["forward"] is saved and "__call__" not in LlamaForCausalLM.__dict__
     assert tiny()(**inputs).logits is not None
 
 

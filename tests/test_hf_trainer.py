@@ -138,11 +138,24 @@ def _sft_dataset(n=16, seed=0):
     return datasets.Dataset.from_list(rows)
 
 
-def test_trl_sft_trainer_trains_with_the_objective(tmp_path):
+@pytest.fixture
+def patch_how(request):
+    """Patch a model as an instance or through its class; undo the class patch afterwards."""
+    how = request.param
+    yield how
+    if how == "class" and "_fused_objectives_patch" in transformers.LlamaForCausalLM.__dict__:
+        fo.unpatch_model(transformers.LlamaForCausalLM)
+
+
+@pytest.mark.parametrize("patch_how", ["instance", "class"], indirect=True)
+def test_trl_sft_trainer_trains_with_the_objective(tmp_path, patch_how):
     trl = pytest.importorskip("trl")
     tok = _tokenizer()
     m = tiny()
-    fo.patch_model(m, objective="neg_p")
+    if patch_how == "instance":
+        fo.patch_model(m, objective="neg_p")
+    else:
+        fo.patch_model(type(m), objective="neg_p")
     args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2,
                          report_to=[], save_strategy="no", logging_steps=1, use_cpu=True, max_length=32,
                          dataloader_num_workers=0, disable_tqdm=True, seed=0)

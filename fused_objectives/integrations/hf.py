@@ -134,6 +134,8 @@ class _PatchState:
         self.hooks = []
         self.active = 0                     # > 0 while the patched forward runs (decoder guard)
         self.trl_pending = False            # TRL's fused_lm_head protocol requested for the next call
+        self.saved_call = _MISSING          # class patches: the class __dict__'s own __call__, if any
+        self.labels_idx = _MISSING          # position of `labels` in the original forward's signature
 
 
 def _class_state(cls) -> Optional[_PatchState]:
@@ -498,7 +500,9 @@ def _accepts(func, name: str) -> bool:
 def _run(model, state: _PatchState, original, args, kwargs):
     """The patched forward: ``original`` is the bound forward it replaces."""
     trl, state.trl_pending = state.trl_pending, False
-    idx = _labels_index(original)
+    if state.labels_idx is _MISSING:
+        state.labels_idx = _labels_index(original)
+    idx = state.labels_idx
     labels = kwargs.get("labels")
     if labels is None and idx is not None and len(args) > idx:
         labels = args[idx]
@@ -644,6 +648,24 @@ def _install_hooks(model, outer, state):
         state.hooks.append(decoder.register_forward_pre_hook(guard))
 
 
+def _make_class_call(cls, saved_call):
+    """``__call__`` of a patched class: TRL's SFTTrainer replaces an instance's ``forward`` with its own fused
+    head and calls ``model(..., fused_lm_head=True)``; take that flag off before any forward runs, so the call
+    reaches the patched forward, which answers TRL's protocol with the objective (see ``_add_trl_fields``)."""
+
+    def __call__(self, *args, **kwargs):
+        if "fused_lm_head" in kwargs:
+            kwargs = dict(kwargs)
+            state = _state_of(self)
+            if kwargs.pop("fused_lm_head") and state is not None:
+                state.trl_pending = True
+        if saved_call is not _MISSING:
+            return saved_call(self, *args, **kwargs)
+        return super(cls, self).__call__(*args, **kwargs)
+
+    return __call__
+
+
 def _apply_liger(kind, model_or_cls):
     model_type = model_or_cls.config.model_type if kind == "instance" else getattr(
         getattr(model_or_cls, "config_class", None), "model_type", None)
@@ -701,6 +723,8 @@ def patch_model(model_or_model_type, objective="neg_p", **loss_options):
         # a subclass of a patched class patches the original forward, not the patched one
         state.original_func = inherited.original_func if inherited is not None and saved is _MISSING else obj.forward
         type.__setattr__(obj, "forward", _make_forward(state.original_func, state, bound=False))
+        state.saved_call = obj.__dict__.get("__call__", _MISSING)
+        type.__setattr__(obj, "__call__", _make_class_call(obj, state.saved_call))
         type.__setattr__(obj, _STATE, state)
     else:
         saved = obj.__dict__.get("forward", _MISSING)
@@ -741,6 +765,10 @@ def unpatch_model(model_or_model_type):
             type.__delattr__(obj, "forward")
         else:
             type.__setattr__(obj, "forward", state.saved_forward)
+        if state.saved_call is _MISSING:
+            type.__delattr__(obj, "__call__")
+        else:
+            type.__setattr__(obj, "__call__", state.saved_call)
         type.__delattr__(obj, _STATE)
     else:
         if state.saved_forward is _MISSING:
