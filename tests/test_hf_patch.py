@@ -64,6 +64,12 @@ def test_import_does_not_import_transformers():
     assert r.returncode == 0, r.stderr
 
 
+def test_version_gate_names_the_required_version(monkeypatch):
+    monkeypatch.setattr(transformers, "__version__", "4.40.0")
+    with pytest.raises(ImportError, match=r"transformers >= 4\.56\.0, found 4\.40\.0"):
+        fo.patch_model(tiny(), objective="nll")
+
+
 def test_patch_instance_nll_exact_and_unpatch_restores():
     m = tiny()
     inputs = batch()
