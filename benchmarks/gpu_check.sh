@@ -54,7 +54,7 @@ NAME="${GPU_CHECK_NAME:-gpu-${GPU}-$(date -u +%Y%m%d)}"
 
 # (3) GPU tests (on CPU they are skipped: the dry run only checks that they are collected)
 say "pytest -m gpu (limit ${GPU_TEST_TIMEOUT:-150}s)"
-timeout -k 10 "${GPU_TEST_TIMEOUT:-150}" "$PY" -m pytest -m gpu -q -x -p no:cacheprovider tests/ >"$OUTDIR/$NAME-tests.log" 2>&1
+timeout -k 10 "${GPU_TEST_TIMEOUT:-150}" "$PY" -m pytest -m gpu -q -rfE -p no:cacheprovider tests/ >"$OUTDIR/$NAME-tests.log" 2>&1
 TESTS_RC=$?
 tail -n 15 "$OUTDIR/$NAME-tests.log"
 case $TESTS_RC in

@@ -250,7 +250,10 @@ def default_provider_names(device: torch.device) -> List[str]:
     """Every provider but the gate's self-test and the ``fused-<backend>`` that ``fused`` already
     runs; other ``fused-<backend>`` ones are listed (and skipped with their reason when they cannot
     run) so that a report says which backends were not measured."""
-    auto = Fused().label(device)
+    try:
+        auto = Fused().label(device)
+    except ValueError:  # auto's backend cannot run here: every fused-* is listed, and skipped with why
+        auto = None
     return [n for n in all_providers() if n != "broken" and n != f"fused-{auto}"]
 
 
