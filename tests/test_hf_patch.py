@@ -65,9 +65,11 @@ def test_import_does_not_import_transformers():
 
 
 def test_version_gate_names_the_required_version(monkeypatch):
-    monkeypatch.setattr(transformers, "__version__", "4.40.0")
+    m = tiny()
+    # the module object patch_model imports (transformers' lazy module can re-register itself in sys.modules)
+    monkeypatch.setattr(sys.modules["transformers"], "__version__", "4.40.0")
     with pytest.raises(ImportError, match=r"transformers >= 4\.56\.0, found 4\.40\.0"):
-        fo.patch_model(tiny(), objective="nll")
+        fo.patch_model(m, objective="nll")
 
 
 def test_patch_instance_nll_exact_and_unpatch_restores():
