@@ -241,6 +241,18 @@ def test_tied_embeddings_and_bf16():
     torch.testing.assert_close(out.loss, ref.float(), rtol=2e-2, atol=2e-2)
 
 
+def test_autocast_bf16_like_trainer_bf16():
+    m = tiny()
+    inputs = batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = m(**inputs)
+        fo.patch_model(m, objective="nll")
+        out = m(**inputs)
+    out.loss.backward()
+    assert m.lm_head.weight.grad.dtype == torch.float32 and torch.isfinite(m.lm_head.weight.grad).all()
+    torch.testing.assert_close(out.loss, ref.loss.float(), rtol=1e-2, atol=1e-2)
+
+
 def test_moe_router_aux_loss_added_like_unpatched():
     m = tiny("mixtral", num_local_experts=4, num_experts_per_tok=2, output_router_logits=True,
              router_aux_loss_coef=0.5)
