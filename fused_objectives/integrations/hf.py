@@ -178,9 +178,11 @@ def _logit_transform(model):
         if value is not None and not isinstance(value, bool):
             scale *= float(value)
     value = getattr(tc, "logits_scaling", None)
-    if value is not None:
-        # HyperCLOVA X multiplies by logits_scaling; Granite and MiniCPM3 divide (the probe checks which)
-        scale = scale * float(value) if getattr(tc, "model_type", None) == "hyperclovax" else scale / float(value)
+    model_type = getattr(tc, "model_type", None)
+    # Granite divides the logits by logits_scaling, HyperCLOVA X multiplies them; MiniCPM3 divides the hidden
+    # states before its head (which the head's input already holds). The probe check catches any other use.
+    if value is not None and model_type != "minicpm3":
+        scale = scale * float(value) if model_type == "hyperclovax" else scale / float(value)
     softcap = getattr(tc, "final_logit_softcapping", None)
     if softcap is None:
         softcap = getattr(tc, "logits_soft_cap", None)  # RecurrentGemma

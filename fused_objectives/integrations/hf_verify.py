@@ -96,6 +96,8 @@ def _shrink(cfg, depth=0):
             setattr(cfg, name, _two_kinds(value))
         elif isinstance(value, PretrainedConfig) and depth < 2:
             _shrink(value, depth + 1)
+    if getattr(cfg, "kv_lora_rank", None) is not None and hasattr(cfg, "num_key_value_heads"):
+        cfg.num_key_value_heads = cfg.num_attention_heads  # multi-head latent attention: no KV groups
     if hasattr(cfg, "output_router_logits"):
         cfg.output_router_logits = True
     vocab = getattr(cfg, "vocab_size", None)
