@@ -133,20 +133,25 @@ def time_shape(n, h, v, reps, providers):
     for p in providers:
         step_fn(p, *small)()
     times = {p: [] for p in providers}
+    cpu_times = {p: [] for p in providers}  # process CPU seconds: less sensitive to other jobs
     outputs = {}
     for rep in range(reps):
         order = list(providers[rep % len(providers):]) + list(providers[: rep % len(providers)])
         for p in order:
             gc.collect()
+            c0 = os.times()
             t0 = time.perf_counter()
             out = fns[p]()
             times[p].append(time.perf_counter() - t0)
+            c1 = os.times()
+            cpu_times[p].append((c1.user - c0.user) + (c1.system - c0.system))
             if rep == 0 and out is not None:
                 outputs[p] = out
             del out
             print(f"  N={n} H={h} V={v} rep {rep} {p:14s} {times[p][-1]:8.2f} s", flush=True)
     row = {"N": n, "H": h, "V": v, "reps": reps, "times_s": times,
-           "median_s": {p: statistics.median(t) for p, t in times.items()}}
+           "median_s": {p: statistics.median(t) for p, t in times.items()},
+           "cpu_times_s": cpu_times, "median_cpu_s": {p: statistics.median(t) for p, t in cpu_times.items()}}
     ref = outputs.get("eager")
     row["correct"] = {}
     row["errors_vs_eager"] = {}
@@ -159,6 +164,9 @@ def time_shape(n, h, v, reps, providers):
     base = row["median_s"].get("matmul3")
     row["ratio_to_matmul3"] = {p: (t / base if base and row["correct"].get(p, p == "eager") else None)
                                for p, t in row["median_s"].items() if p != "matmul3"}
+    cbase = row["median_cpu_s"].get("matmul3")
+    row["cpu_ratio_to_matmul3"] = {p: (t / cbase if cbase and row["correct"].get(p, p == "eager") else None)
+                                   for p, t in row["median_cpu_s"].items() if p != "matmul3"}
     return row
 
 
@@ -224,6 +232,12 @@ def table(result) -> str:
         rtxt = f"{ratio:.2f}" if ratio is not None else "n/a (failed check)"
         lines.append(f"| {r['N']} | {r['H']} | {r['V']} | {cell('matmul3')} | {cell('fused_cpu')} | "
                      f"{cell('eager')} | {cell('torch_chunked')} | {rtxt} |")
+        if "cpu_ratio_to_matmul3" in r:
+            cr = r["cpu_ratio_to_matmul3"].get("fused_cpu")
+            cmed = r["median_cpu_s"]
+            ccell = lambda p: f"{cmed[p]:.1f} s" if p in cmed else "-"
+            lines.append(f"| (process CPU time) | | | {ccell('matmul3')} | {ccell('fused_cpu')} | {ccell('eager')} | "
+                         f"{ccell('torch_chunked')} | {'n/a' if cr is None else f'{cr:.2f}'} |")
     lines += ["", "Ratios to the three bare matmuls of the same run: " + "; ".join(
         f"N={r['N']}: " + ", ".join(f"{p} {x:.2f}" for p, x in r["ratio_to_matmul3"].items() if x is not None)
         for r in result["time"]) + ".", ""]
@@ -237,7 +251,26 @@ def table(result) -> str:
                 continue
             lines.append(f"| {r['N']} | {r['H']} | {r['V']} | {p} | {d['peak_growth_mb']:.0f} MB | "
                          f"{d['gradients_mb']:.0f} MB | {d['beyond_gradients_mb']:.0f} MB | {d['time_s']:.1f} s |")
-    lines += ["", "Providers: " + "; ".join(f"`{p}`: {DESCRIPTIONS[p]}" for p in PROVIDERS) + "."]
+    lines += ["", "## Goals", ""]
+    for r in result["time"]:
+        ratio = r["ratio_to_matmul3"].get("fused_cpu")
+        verdict = "not measured" if ratio is None else ("met" if ratio <= 1.15 else "NOT met")
+        lines.append(f"- time, N={r['N']}: fused / three bare matmuls = "
+                     f"{'n/a' if ratio is None else f'{ratio:.2f}'} (goal <= 1.15): {verdict}.")
+    for r in result["memory"]:
+        d = r["providers"].get("fused_cpu", {})
+        if "beyond_gradients_mb" in d:
+            ok = d["beyond_gradients_mb"] <= 300
+            lines.append(f"- memory, N={r['N']} H={r['H']} V={r['V']}: {d['beyond_gradients_mb']:.0f} MB beyond the "
+                         f"gradients (goal <= 300 MB; one fp32 logits copy is {r['logits_fp32_mb']:.0f} MB): "
+                         f"{'met' if ok else 'NOT met'}.")
+    lines += ["", "Why the time goal is out of reach for this design: it never stores `[N, V]` logits, so the "
+              "backward recomputes them: 4 GEMMs of `2*N*H*V` FLOPs (forward logits; backward logits, dX, dW) "
+              "against the 3 of the bare-matmul baseline, a floor of 4/3 = 1.33x before any epilogue work. "
+              "Reaching 1.15x needs 3 GEMMs, i.e. the per-token coefficients already in the forward pass "
+              "(gradients computed in the forward for scalar losses, as Liger/PyTorch chunked do), which "
+              "the one-autograd-Function design (any per-token upstream gradient) does not allow today.",
+              "", "Providers: " + "; ".join(f"`{p}`: {DESCRIPTIONS[p]}" for p in PROVIDERS) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -256,11 +289,17 @@ def main(argv=None):
                     help="writes OUT.json and OUT.md")
     ap.add_argument("--note", default="", help="free text for the results (e.g. 'machine shared with 4 jobs')")
     ap.add_argument("--quick", action="store_true", help="small shapes, 1 repeat, no files written")
+    ap.add_argument("--render", metavar="JSON", help="re-render the markdown table of a results JSON")
     ap.add_argument("--memory-worker", nargs=4, metavar=("PROVIDER", "N", "H", "V"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.memory_worker:
         p, n, h, v = args.memory_worker
         memory_worker(p, int(n), int(h), int(v))
+        return 0
+    if args.render:
+        md = table(json.loads(Path(args.render).read_text()))
+        Path(args.render).with_suffix(".md").write_text(md)
+        print(md)
         return 0
     fo.backends.cpu.ensure_built()
     providers = tuple(p for p in args.providers.split(",") if p)

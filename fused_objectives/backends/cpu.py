@@ -10,7 +10,7 @@ source, the flags, the torch version and the CPU, so later processes load the ca
 Memory: the kernels walk the vocabulary and the active tokens in ``[rows, cols]`` logits tiles whose
 size this module plans from a byte budget, so the workspace never grows with ``N * V``:
 ``FUSED_OBJECTIVES_CPU_BUDGET_MB`` (default 64) bounds all chunk buffers together, and
-``FUSED_OBJECTIVES_CPU_TILE_MB`` (default 8, about a quarter of a server L3) the logits tile.
+``FUSED_OBJECTIVES_CPU_TILE_MB`` (default 32, at most half the budget) the logits tile.
 """
 from __future__ import annotations
 
@@ -31,8 +31,10 @@ _LIB_NAME = "fused_objectives_cpu"
 _SOURCE = "fused_objectives_cpu.cpp"
 _MB = 1 << 20
 
-# Tile shape limits: wide enough vocabulary chunks for efficient GEMMs, never wider than this.
-MAX_COLS = 2048
+# Tile shape limits: wide vocabulary chunks make few, large GEMMs (and few parallel regions, which
+# matters on a shared machine); the epilogue's memory traffic is small next to a GEMM's 2 * H FLOPs
+# per logit, so the tile need not stay in cache.
+MAX_COLS = 4096
 MIN_COLS = 16
 
 
@@ -177,8 +179,11 @@ def plan_chunks(n: int, v: int, h: int, x32: bool, w32: bool, budget_bytes: int,
     tile = max(4 * MIN_COLS, min(tile_bytes, budget_bytes // 2))
     per_col = 0 if w32 else 2 * 4 * h  # upcast weight rows + dW slab rows
     per_row = 2 * 4 * h  # gathered token rows + their dX
-    # aim at >= 8 rows per tile, then narrow the columns until at least one row fits the budget
+    # aim at >= 8 rows per tile; weight-sized slabs take at most a quarter of the budget; then
+    # narrow the columns until at least one row fits
     cols = min(v, MAX_COLS, max(MIN_COLS, tile // (4 * 8)))
+    if per_col:
+        cols = min(cols, max(MIN_COLS, budget_bytes // 4 // per_col))
     cols = max(1, min(cols, v, max(MIN_COLS, (budget_bytes - per_row) // (4 + per_col))))
     rows = min(tile // (4 * cols), (budget_bytes - cols * per_col) // (4 * cols + per_row))
     return max(1, min(rows, n)), cols
@@ -191,7 +196,7 @@ class CPUBackend:
 
     def __init__(self):
         self.budget_bytes = int(float(os.environ.get("FUSED_OBJECTIVES_CPU_BUDGET_MB", "64")) * _MB)
-        self.tile_bytes = int(float(os.environ.get("FUSED_OBJECTIVES_CPU_TILE_MB", "8")) * _MB)
+        self.tile_bytes = int(float(os.environ.get("FUSED_OBJECTIVES_CPU_TILE_MB", "32")) * _MB)
 
     def unavailable_reason(self, device: torch.device) -> Optional[str]:
         if device.type != "cpu":
