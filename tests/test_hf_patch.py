@@ -439,6 +439,24 @@ def test_decoder_run_outside_the_patched_forward_in_training_is_refused():
     m.model(input_ids=ids)
 
 
+def test_deepcopy_of_a_patched_model_trains_and_unpatches_on_its_own():
+    import copy
+
+    m = tiny()
+    inputs = batch()
+    ref = m(**inputs).loss
+    fo.patch_model(m, objective="nll")
+    c = copy.deepcopy(m)
+    out = c(**inputs)  # its decoder guard must not mistake the copy's forward for an outside caller
+    out.loss.backward()
+    assert out.logits is None and c.lm_head.weight.grad is not None and m.lm_head.weight.grad is None
+    torch.testing.assert_close(out.loss, ref, rtol=1e-6, atol=1e-6)
+    fo.unpatch_model(c)
+    assert "forward" not in c.__dict__ and c(**inputs).logits is not None
+    c.model(input_ids=inputs["input_ids"])  # no hooks left on the copy
+    assert m(**inputs).logits is None  # the original is still patched
+
+
 def test_liger_needs_cuda_on_cpu():
     pytest.importorskip("liger_kernel")
     m = tiny()

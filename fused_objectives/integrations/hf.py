@@ -32,6 +32,7 @@ import contextlib
 import functools
 import inspect
 import numbers
+import threading
 import types
 from collections import OrderedDict
 from dataclasses import dataclass, replace
@@ -47,7 +48,25 @@ __all__ = ["patch_model", "unpatch_model", "patched", "set_objective", "Unsuppor
 
 MIN_TRANSFORMERS_VERSION = "4.56.0"
 _STATE = "_fused_objectives_patch"
-_MISSING = object()
+
+
+class _Missing:
+    """'Nothing was there' marker that stays itself through copy/deepcopy/pickle (patched models get copied)."""
+
+    def __repr__(self):
+        return "<missing>"
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __reduce__(self):
+        return "_MISSING"
+
+
+_MISSING = _Missing()
 # Probe values the stand-in "logits" hold: they show which transform the forward applies after its head
 _PROBE = (-30.0, -4.0, -1.0, 0.0, 0.5, 2.0, 7.0, 30.0)
 _HALF = (torch.float16, torch.bfloat16)
@@ -132,7 +151,6 @@ class _PatchState:
         self.saved_forward = saved_forward  # what the instance / class __dict__ held under "forward"
         self.original_func = original_func  # unbound (class) or bound (instance) forward to run
         self.hooks = []
-        self.active = 0                     # > 0 while the patched forward runs (decoder guard)
         self.trl_pending = False            # TRL's fused_lm_head protocol requested for the next call
         self.saved_call = _MISSING          # class patches: the class __dict__'s own __call__, if any
         self.labels_idx = _MISSING          # position of `labels` in the original forward's signature
@@ -508,7 +526,7 @@ def _run(model, state: _PatchState, original, args, kwargs):
     labels = kwargs.get("labels")
     if labels is None and idx is not None and len(args) > idx:
         labels = args[idx]
-    state.active += 1
+    _ACTIVE.depth = _active_depth() + 1
     try:
         if labels is None:
             return original(*args, **kwargs)
@@ -547,7 +565,7 @@ def _run(model, state: _PatchState, original, args, kwargs):
             _add_trl_fields(model, call, out)
         return out if return_dict else out.to_tuple()
     finally:
-        state.active -= 1
+        _ACTIVE.depth -= 1
 
 
 def _add_trl_fields(model, call, out):
@@ -573,9 +591,12 @@ def _add_trl_fields(model, call, out):
 # --------------------------------------------------------------------------------- installation
 def _make_forward(original_func, state, bound: bool):
     if bound:
+        # the instance's state is looked up at call time, not closed over: a deep copy of the model carries a
+        # copy of the state whose original forward is bound to the copy
         @functools.wraps(original_func)
         def forward(self, *args, **kwargs):
-            return _run(self, state, original_func, args, kwargs)
+            own = self.__dict__[_STATE]
+            return _run(self, own, own.original_func, args, kwargs)
 
         # inspect.signature(model.forward) (Trainer's column filter, generate's kwarg check) drops the first
         # parameter of a bound method: declare `self` before the wrapped bound forward's own parameters
@@ -622,32 +643,73 @@ def _resolve(target):
                     f"got {type(target).__name__}")
 
 
-def _install_hooks(model, outer, state):
-    def trl_hook(module, args, kwargs):
-        # TRL's SFTTrainer calls model(..., fused_lm_head=True) and reduces the per-token log_probs itself;
-        # answer that protocol with the objective instead of letting it compute the NLL around the patch
-        if "fused_lm_head" in kwargs:
-            kwargs = dict(kwargs)
-            if kwargs.pop("fused_lm_head"):
-                state.trl_pending = True
-            return args, kwargs
+_ACTIVE = threading.local()  # depth of patched forwards running on this thread (decoder guard)
+
+
+def _active_depth() -> int:
+    return getattr(_ACTIVE, "depth", 0)
+
+
+def _inner_model(module):
+    get_base = getattr(module, "get_base_model", None)
+    return module if hasattr(module, "get_output_embeddings") or not callable(get_base) else get_base()
+
+
+def _trl_hook(module, args, kwargs):
+    """TRL's SFTTrainer calls ``model(..., fused_lm_head=True)`` and reduces the per-token ``log_probs`` itself:
+    take the flag off so the call reaches the patched forward, which answers with the objective."""
+    state = _state_of(_inner_model(module)) if "fused_lm_head" in kwargs else None
+    if state is None:
         return None
+    kwargs = dict(kwargs)
+    if kwargs.pop("fused_lm_head"):
+        state.trl_pending = True
+    return args, kwargs
 
-    def guard(module, args):
-        if state.active == 0 and model.training and torch.is_grad_enabled() and _state_of(model) is state:
-            _refuse(model, "its decoder ran in training outside the patched forward (for example TRL's SFTTrainer "
-                           "applying PEFT itself around an already patched model), so the training loss would not "
-                           f"be the objective {state.options.objective.name!r}; patch the outermost model "
-                           "(after get_peft_model) instead")
 
-    for m in {id(model): model, id(outer): outer}.values():
-        state.hooks.append(m.register_forward_pre_hook(trl_hook, with_kwargs=True, prepend=True))
+def _decoder_guard(module, args):
+    """A patched model's decoder running in training outside any patched forward means some code computes
+    the training loss around the patch (its objective would silently not apply)."""
+    if _active_depth() == 0 and module.training and torch.is_grad_enabled():
+        cfg = getattr(module, "config", None)
+        raise UnsupportedModelError(
+            f"the decoder of a model patched by fused_objectives (model type "
+            f"{getattr(cfg, 'model_type', type(module).__name__)!r}) ran in training outside the patched forward, "
+            "so the training loss would not be the patched objective (for example a trainer computing its own loss "
+            "from the hidden states); patch the outermost model (after get_peft_model), or unpatch it")
+
+
+_trl_hook.__fused_objectives_hook__ = True
+_decoder_guard.__fused_objectives_hook__ = True
+
+
+def _hooked_modules(model, outer):
     try:
         decoder = model.get_decoder()
     except Exception:  # some families have no separable decoder; the guard is best effort
         decoder = None
-    if isinstance(decoder, torch.nn.Module) and decoder is not model:
-        state.hooks.append(decoder.register_forward_pre_hook(guard))
+    mods = {id(model): model, id(outer): outer}
+    return list(mods.values()), (decoder if isinstance(decoder, torch.nn.Module) and decoder is not model else None)
+
+
+def _install_hooks(model, outer, state):
+    callers, decoder = _hooked_modules(model, outer)
+    for m in callers:
+        state.hooks.append(m.register_forward_pre_hook(_trl_hook, with_kwargs=True, prepend=True))
+    if decoder is not None:
+        state.hooks.append(decoder.register_forward_pre_hook(_decoder_guard))
+
+
+def _remove_hooks(model, outer, state):
+    for h in state.hooks:
+        h.remove()
+    # a deep copy of a patched model carries copies of the hooks that the original's handles do not reach
+    callers, decoder = _hooked_modules(model, outer)
+    for m in callers + ([decoder] if decoder is not None else []):
+        for hooks in (m._forward_pre_hooks,):
+            for key in [k for k, fn in hooks.items() if getattr(fn, "__fused_objectives_hook__", False)]:
+                del hooks[key]
+                m._forward_pre_hooks_with_kwargs.pop(key, None)
 
 
 def _make_class_call(cls, saved_call):
@@ -753,15 +815,13 @@ def unpatch_model(model_or_model_type):
 
     Returns the argument.  Raises ``ValueError`` when it is not patched.  (Liger-Kernel's module
     replacements from ``liger=True`` have no undo in Liger and stay.)"""
-    kind, obj, _ = _resolve(model_or_model_type)
+    kind, obj, outer = _resolve(model_or_model_type)
     state = _own_state(kind, obj)
     if state is None:
         what = "class" if kind == "class" else "instance"
         raise ValueError(f"{what} {getattr(obj, '__qualname__', type(obj).__qualname__)} is not patched by "
                          "fused_objectives" + ("; its class is (unpatch the class)" if kind == "instance"
                                                 and _class_state(type(obj)) is not None else ""))
-    for h in state.hooks:
-        h.remove()
     if kind == "class":
         if state.saved_forward is _MISSING:
             type.__delattr__(obj, "forward")
@@ -773,6 +833,7 @@ def unpatch_model(model_or_model_type):
             type.__setattr__(obj, "__call__", state.saved_call)
         type.__delattr__(obj, _STATE)
     else:
+        _remove_hooks(obj, outer, state)
         if state.saved_forward is _MISSING:
             obj.__dict__.pop("forward", None)
         else:
