@@ -476,3 +476,18 @@ def test_liger_composition_on_gpu():
     out.loss.backward()
     assert out.logits is None
     torch.testing.assert_close(out.loss, ref, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.gpu
+def test_patched_bf16_model_on_cuda_uses_the_fused_kernels():
+    m = tiny(dtype=torch.bfloat16).cuda()
+    inputs = {k: v.cuda() for k, v in batch().items()}
+    out0, g0 = loss_and_grads(m, inputs)
+    fo.patch_model(m, objective="nll")  # backend "auto": the Triton kernels on CUDA
+    out1, g1 = loss_and_grads(m, inputs)
+    assert out1.logits is None
+    torch.testing.assert_close(out1.loss, out0.loss.float(), rtol=2e-2, atol=2e-2)
+    for k in g0:
+        assert torch.isfinite(g1[k]).all(), k
+        rel = (g1[k].float() - g0[k].float()).norm() / g0[k].float().norm().clamp(min=1e-12)
+        assert rel < 5e-2, (k, rel.item())
