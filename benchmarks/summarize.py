@@ -104,7 +104,7 @@ def main(argv=None) -> int:
     print(table(data, args.markdown))
     rows = goals(data, args.goal_tokens)
     if rows:
-        print("\ngoals of issue #5:")
+        print("\ngoals of issue #5" + ("" if m.get("gpu") else " (set for a GPU; shown for reference on this CPU run)") + ":")
         w = max(len(r[0]) for r in rows)
         for name, value, verdict in rows:
             print(f"  {name.ljust(w)}  {value:>14}  {verdict}")

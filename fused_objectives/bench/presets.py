@@ -16,7 +16,7 @@ class Preset:
 
 
 PRESETS: Dict[str, Preset] = {p.name: p for p in (
-    Preset("cpu-small", 256, 8192, (512, 1024), None,
+    Preset("cpu-small", 256, 8192, (1024,), None,
            "small CPU default (V/H = 32, as Llama-3): every provider that runs on CPU in under two minutes"),
     Preset("cpu-anchor", 1024, 32000, (8192,), None,
            "the CPU shape of design/anchors.md (N 8192, H 1024, V 32000); minutes per provider on 2 cores"),
