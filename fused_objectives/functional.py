@@ -29,7 +29,7 @@ class LossStats:
     """Per-token statistics of one call, computed without logits (all tensors, no host sync).
 
     ``logp``: detached target log-probabilities shaped like ``target`` (0 at invalid positions);
-    ``valid`` / ``kept``: bool masks; ``n_valid`` / ``n_kept``: int64 counts; ``accuracy``: share of
+    ``valid`` / ``kept``: bool masks; ``hit``: bool mask of valid tokens whose argmax is the target; ``n_valid`` / ``n_kept``: int64 counts; ``accuracy``: share of
     valid tokens whose argmax logit is the target (0 when none is valid); ``mean_p``: mean target
     probability over valid tokens.  Also readable as a mapping: ``stats["accuracy"]``.
     """
@@ -37,6 +37,7 @@ class LossStats:
     logp: torch.Tensor
     valid: torch.Tensor
     kept: torch.Tensor
+    hit: torch.Tensor
     n_valid: torch.Tensor
     n_kept: torch.Tensor
     accuracy: torch.Tensor
@@ -242,6 +243,7 @@ def linear_objective_loss(
         logp=lp.reshape(shape),
         valid=valid.reshape(shape),
         kept=kept.reshape(shape),
+        hit=hit.reshape(shape),
         n_valid=n_valid,
         n_kept=n_kept,
         accuracy=hit.sum().to(torch.float32) / safe_n,

@@ -213,6 +213,7 @@ def test_stats(backend):
     assert torch.equal(stats.valid, valid)
     assert stats.n_valid.item() == valid.sum().item()
     assert stats.n_kept.item() == (valid & (logp.exp() >= 0.3)).sum().item()
+    assert torch.equal(stats.hit, hits)
     assert stats.accuracy.item() == pytest.approx(hits.sum().item() / valid.sum().item())
     assert stats.mean_p.item() == pytest.approx(logp.exp()[valid].mean().item(), rel=1e-5)
     assert stats["n_kept"] is stats.n_kept and set(stats.as_dict()) >= {"logp", "valid", "n_valid", "n_kept", "accuracy"}

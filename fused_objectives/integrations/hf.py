@@ -572,19 +572,19 @@ def _add_trl_fields(model, call, out):
     """TRL's ``fused_lm_head=True`` protocol: SFTTrainer reduces ``-log_probs`` over ``label_mask``.
 
     ``log_probs`` holds the negated per-token objective (exactly the log-probabilities for ``nll``), so
-    TRL's loss is the objective; ``is_top1`` sums to the number of argmax hits; ``entropy`` is NaN
+    TRL's loss is the objective; ``is_top1`` marks the tokens whose argmax is the target; ``entropy`` is NaN
     (not computed without logits)."""
     opts = call.state.options
     shape = call.target_shape
     per_tok = -call.per_token.reshape(shape)
     mask = (call.stats.kept if opts.normalize == "kept" else call.stats.valid).reshape(shape)
-    valid = call.stats.valid.reshape(shape)
+    hit = call.stats.hit.reshape(shape)
     if call.shift_labels is None:
-        per_tok, mask, valid = per_tok[..., :-1], mask[..., :-1], valid[..., :-1]
+        per_tok, mask, hit = per_tok[..., :-1], mask[..., :-1], hit[..., :-1]
     anchor = call.received if call.received is not None else per_tok
     _set_field(out, "log_probs", _tie(per_tok, anchor))
     _set_field(out, "label_mask", mask)
-    _set_field(out, "is_top1", valid.to(torch.float32) * call.stats.accuracy)
+    _set_field(out, "is_top1", hit)
     _set_field(out, "entropy", torch.full(per_tok.shape, float("nan"), device=per_tok.device))
 
 
