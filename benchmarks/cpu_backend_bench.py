@@ -218,7 +218,7 @@ def table(result) -> str:
         f"Machine: {m['cpu_model']}, {m['nproc']} cores, {m['mem_total_gb']} GB RAM, torch {m['torch']} "
         f"({m['blas']}), {m['torch_threads']} threads; load average at start {m['loadavg_at_start']}. "
         f"{result['note']}",
-        f"Date: {result['date']}. Command: `{result['command']}`.",
+        f"Date: {result['date']}. Command: `{result['command'].split(' --note')[0]}`.",
         "",
         "## Time, fp32, objective neg_p, forward + backward (median of interleaved repeats)",
         "",
@@ -240,7 +240,12 @@ def table(result) -> str:
                          f"{ccell('torch_chunked')} | {'n/a' if cr is None else f'{cr:.2f}'} |")
     lines += ["", "Ratios to the three bare matmuls of the same run: " + "; ".join(
         f"N={r['N']}: " + ", ".join(f"{p} {x:.2f}" for p, x in r["ratio_to_matmul3"].items() if x is not None)
-        for r in result["time"]) + ".", ""]
+        for r in result["time"]) + ".",
+        "Checked against eager PyTorch on the first repeat (max relative error of loss, dh, dw; a failed check "
+        "removes the ratio): " + "; ".join(
+        f"N={r['N']} {p}: " + ("ok" if r["correct"][p] else "FAILED") + " (" + ", ".join(
+            f"{k} {e:.1e}" for k, e in r["errors_vs_eager"][p].items()) + ")"
+        for r in result["time"] for p in r["correct"]) + ".", ""]
     lines += ["## Peak RSS growth during forward + backward (fresh process per provider)", "",
               "| N | H | V | provider | peak growth | gradients | beyond gradients (goal <= 300 MB for fused) | time |",
               "|---|---|---|---|---|---|---|---|"]
@@ -254,9 +259,17 @@ def table(result) -> str:
     lines += ["", "## Goals", ""]
     for r in result["time"]:
         ratio = r["ratio_to_matmul3"].get("fused_cpu")
-        verdict = "not measured" if ratio is None else ("met" if ratio <= 1.15 else "NOT met")
-        lines.append(f"- time, N={r['N']}: fused / three bare matmuls = "
-                     f"{'n/a' if ratio is None else f'{ratio:.2f}'} (goal <= 1.15): {verdict}.")
+        cpu_ratio = r.get("cpu_ratio_to_matmul3", {}).get("fused_cpu")
+        seen = [x for x in (ratio, cpu_ratio) if x is not None]
+        # both views must meet it: on a shared machine one repeat's load swing can flatter either
+        verdict = "not measured" if not seen else ("met" if max(seen) <= 1.15 else "NOT met")
+        fmt = lambda x: "n/a" if x is None else f"{x:.2f}"
+        line = (f"- time, N={r['N']}: fused / three bare matmuls = {fmt(ratio)} wall, {fmt(cpu_ratio)} process "
+                f"CPU time (goal <= 1.15): {verdict}.")
+        if ratio is not None and ratio < 4 / 3 and verdict != "met":
+            line += (" The wall ratio is below this design's 4/3 FLOP floor (below), so it reflects other jobs' "
+                     "load swinging between repeats, not the kernels.")
+        lines.append(line)
     for r in result["memory"]:
         d = r["providers"].get("fused_cpu", {})
         if "beyond_gradients_mb" in d:
@@ -288,6 +301,7 @@ def main(argv=None):
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "cpu_backend"),
                     help="writes OUT.json and OUT.md")
     ap.add_argument("--note", default="", help="free text for the results (e.g. 'machine shared with 4 jobs')")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--quick", action="store_true", help="small shapes, 1 repeat, no files written")
     ap.add_argument("--render", metavar="JSON", help="re-render the markdown table of a results JSON")
     ap.add_argument("--memory-worker", nargs=4, metavar=("PROVIDER", "N", "H", "V"), help=argparse.SUPPRESS)
@@ -301,6 +315,8 @@ def main(argv=None):
         Path(args.render).with_suffix(".md").write_text(md)
         print(md)
         return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
     fo.backends.cpu.ensure_built()
     providers = tuple(p for p in args.providers.split(",") if p)
     if args.quick:
