@@ -168,6 +168,19 @@ def _register_fakes() -> None:
                 torch.empty_like(bias) if need_db else None)
 
 
+_FAKES_DONE = False
+
+
+def _register_fakes_once() -> None:
+    global _FAKES_DONE
+    if not _FAKES_DONE:
+        try:
+            _register_fakes()
+        except RuntimeError:
+            pass  # already registered (module reloaded)
+        _FAKES_DONE = True
+
+
 def plan_chunks(n: int, v: int, h: int, x32: bool, w32: bool, budget_bytes: int,
                 tile_bytes: int) -> Tuple[int, int]:
     """``(rows, cols)`` of the logits tile for ``n`` tokens, vocabulary ``v`` and hidden size ``h``.
@@ -223,19 +236,6 @@ class CPUBackend:
         rows, cols = self._plan(hidden, weight)
         return torch.ops.fused_objectives.grad_backward(hidden, weight, bias, target, state, coef, opts.logit_scale,
                                                         opts.softcap, need_dx, need_dw, need_db, rows, cols)
-
-
-_FAKES_DONE = False
-
-
-def _register_fakes_once() -> None:
-    global _FAKES_DONE
-    if not _FAKES_DONE:
-        try:
-            _register_fakes()
-        except RuntimeError:
-            pass  # already registered (module reloaded)
-        _FAKES_DONE = True
 
 
 def ensure_built() -> None:
