@@ -12,7 +12,8 @@ from typing import Callable, Optional, Tuple, Union
 
 import torch
 
-from .autograd import TargetLogprobFunction
+from .autograd import ObjectiveSumFunction, TargetLogprobFunction
+from .backends.chunked import objective_coefficients
 from .backends import REFERENCE, reference, resolve_backend
 from .objectives import Objective, get_objective
 from .options import LogitOptions
@@ -219,17 +220,24 @@ def linear_objective_loss(
     obj = get_objective(objective)
     h2, t1, valid, opts, impl, shape = _prepare(hidden, weight, target, bias, ignore_index, shift,
                                                 softcap, logit_scale, backend)
-    logp, hit = _logprob(h2, weight, bias, t1, valid, opts, impl)
-    per_tok, kept = obj.per_token(logp, valid)
+    wants_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, weight, bias))
+    if reduction != "none" and wants_grad and hasattr(impl, "forward_with_grad"):
+        # a scalar loss: the backend computes the gradients while the logits are at hand
+        total, logp, kept, hit = ObjectiveSumFunction.apply(h2, weight, bias, t1, valid, opts, impl,
+                                                            objective_coefficients(obj))
+    else:
+        logp, hit = _logprob(h2, weight, bias, t1, valid, opts, impl)
+        per_tok, kept = obj.per_token(logp, valid)
+        total = per_tok.sum()
 
     if reduction == "none":
         loss = per_tok.reshape(shape)
     elif reduction == "sum":
-        loss = per_tok.sum()
+        loss = total
     else:
         n_valid = valid.sum()
-        denom = _denominator(num_items_in_batch, n_valid, kept.sum(), normalize, per_tok.device)
-        total = per_tok.sum()
+        denom = _denominator(num_items_in_batch, n_valid, kept.sum(), normalize, total.device)
         denom = denom.to(total.dtype)
         loss = torch.where(denom != 0, total / torch.where(denom != 0, denom, torch.ones_like(denom)),
                            total * 0.0)

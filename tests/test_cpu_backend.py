@@ -150,9 +150,20 @@ def test_auto_is_cpu_on_cpu_and_ops_are_registered():
     assert resolve_backend("auto", torch.device("cpu")) is cpu.BACKEND
     h, w, t, _ = make_inputs(N=8, H=4, V=11)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        fo.linear_objective_loss(h.requires_grad_(), w, t).backward()
+        fo.linear_objective_loss(h.requires_grad_(), w, t, reduction="none").sum().backward()
     names = {e.name for e in prof.events()}
     assert {"fused_objectives::lse_forward", "fused_objectives::grad_backward"} <= names
+
+
+def test_scalar_loss_takes_three_gemms_and_no_backward_recompute():
+    # a mean/sum loss gets its gradients in the forward (chunked.py): logits, dX and dW GEMMs, once
+    h, w, t, _ = make_inputs(N=8, H=4, V=11)
+    h, w = h.requires_grad_(), w.requires_grad_()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fo.linear_objective_loss(h, w, t, objective="neg_p").backward()
+    names = [e.name for e in prof.events()]
+    assert names.count("aten::mm") + names.count("aten::addmm_") == 3, sorted(set(names))
+    assert "fused_objectives::grad_backward" not in names
 
 
 def test_traceable_with_fake_tensors():

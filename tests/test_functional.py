@@ -192,9 +192,11 @@ def test_target_logprob_composes_exactly(backend):
     loss = ((1 - lp.exp()) * valid).sum() / valid.sum()
     loss.backward()
     direct = run(h, w, t, b, backend=backend, objective="neg_p")
-    torch.testing.assert_close(loss.detach(), direct["loss"], rtol=0, atol=0)
-    torch.testing.assert_close(hh.grad, direct["dh"], rtol=1e-6, atol=1e-9)
-    torch.testing.assert_close(ww.grad, direct["dw"], rtol=1e-6, atol=1e-9)
+    # a scalar loss may take the backend's gradient-in-forward path (summed per chunk): same
+    # math, equal up to fp32 rounding
+    torch.testing.assert_close(loss.detach(), direct["loss"], rtol=1e-6, atol=1e-9)
+    for got, want in ((hh.grad, direct["dh"]), (ww.grad, direct["dw"])):
+        torch.testing.assert_close(got, want, rtol=0, atol=4 * torch.finfo(torch.float32).eps * want.abs().max().item())
     truth = ground_truth(h, w, t, b, objective="nll", reduction="none", grads=False)["loss"]
     torch.testing.assert_close(lp.double(), -truth, rtol=1e-5, atol=1e-6)
     assert torch.all(lp[~valid] == 0)

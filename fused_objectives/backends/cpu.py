@@ -25,7 +25,7 @@ from typing import Optional, Tuple
 import torch
 
 from ..options import LogitOptions
-from . import register_backend
+from . import chunked, register_backend
 
 _LIB_NAME = "fused_objectives_cpu"
 _SOURCE = "fused_objectives_cpu.cpp"
@@ -236,6 +236,12 @@ class CPUBackend:
         rows, cols = self._plan(hidden, weight)
         return torch.ops.fused_objectives.grad_backward(hidden, weight, bias, target, state, coef, opts.logit_scale,
                                                         opts.softcap, need_dx, need_dw, need_db, rows, cols)
+
+
+    def forward_with_grad(self, hidden, weight, bias, target, valid, opts: LogitOptions, coef_fn, needs):
+        """Scalar losses: gradients computed in the forward, 3 GEMMs instead of 4 (see chunked.py)."""
+        return chunked.forward_with_grad(hidden, weight, bias, target, valid, opts, coef_fn, needs,
+                                         self.budget_bytes)
 
 
 def ensure_built() -> None:
