@@ -9,7 +9,7 @@ source, the flags, the torch version and the CPU, so later processes load the ca
 
 Memory: the kernels walk the vocabulary and the active tokens in ``[rows, cols]`` logits tiles whose
 size this module plans from a byte budget, so the workspace never grows with ``N * V``:
-``FUSED_OBJECTIVES_CPU_BUDGET_MB`` (default 64) bounds all chunk buffers together, and
+``FUSED_OBJECTIVES_CPU_BUDGET_MB`` (default 128) bounds all chunk buffers together, and
 ``FUSED_OBJECTIVES_CPU_TILE_MB`` (default 32, at most half the budget) the logits tile.
 """
 from __future__ import annotations
@@ -208,7 +208,7 @@ class CPUBackend:
     name = "cpu"
 
     def __init__(self):
-        self.budget_bytes = int(float(os.environ.get("FUSED_OBJECTIVES_CPU_BUDGET_MB", "64")) * _MB)
+        self.budget_bytes = int(float(os.environ.get("FUSED_OBJECTIVES_CPU_BUDGET_MB", "128")) * _MB)
         self.tile_bytes = int(float(os.environ.get("FUSED_OBJECTIVES_CPU_TILE_MB", "32")) * _MB)
 
     def unavailable_reason(self, device: torch.device) -> Optional[str]:
