@@ -239,3 +239,17 @@ def test_module(backend):
     n = mod(h, w, t, b, num_items_in_batch=5)
     s = fo.linear_objective_loss(h, w, t, b, objective="power:10", shift=True, reduction="sum", backend=backend)
     torch.testing.assert_close(n, s / 5)
+
+
+def test_autocast_keeps_fp32_logits(backend):
+    # inside an autocast region (Trainer's bf16) the logits math stays fp32: same numbers as outside
+    h, w, t, b = make_inputs(bias=True, peaked=4.0)
+    plain = run(h, w, t, b, backend=backend, objective="neg_p")
+    hh, ww, bb = (x.clone().requires_grad_() for x in (h, w, b))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the forward, as a Trainer runs it
+        loss = fo.linear_objective_loss(hh, ww, t, bb, backend=backend, objective="neg_p")
+    loss.backward()
+    auto = {"loss": loss.detach(), "dh": hh.grad, "dw": ww.grad, "db": bb.grad}
+    for key in plain:
+        assert auto[key].dtype == plain[key].dtype, key
+        torch.testing.assert_close(auto[key], plain[key], rtol=1e-5, atol=1e-7)

@@ -53,6 +53,12 @@ def forward_with_grad(
     """``(total, logp, kept, argmax, dx32, dw32, db32)``: the summed objective, per-token
     statistics, and the gradients of ``total`` (fp32; None where not needed).  Host-side loop over
     token chunks: meant for CPU tensors, where reading the number of valid tokens is free."""
+    # fp32 math whatever autocast region the caller is in (Trainer's bf16 runs under autocast)
+    with torch.autocast(hidden.device.type, enabled=False):
+        return _forward_with_grad(hidden, weight, bias, target, valid, opts, coef_fn, needs, budget_bytes)
+
+
+def _forward_with_grad(hidden, weight, bias, target, valid, opts, coef_fn, needs, budget_bytes):
     need_dx, need_dw, need_db = needs
     N, H = hidden.shape
     V = weight.shape[0]

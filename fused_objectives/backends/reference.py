@@ -16,7 +16,9 @@ from ..options import LogitOptions
 def logits(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], opts: LogitOptions) -> torch.Tensor:
     """``[N, V]`` logits in float32 (float64 for float64 inputs), transforms applied."""
     cdt = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    z = hidden.to(cdt) @ weight.to(cdt).T
+    # fp32 logits even inside an autocast region (which would run this matmul in bf16/fp16)
+    with torch.autocast(hidden.device.type, enabled=False):
+        z = hidden.to(cdt) @ weight.to(cdt).T
     if bias is not None:
         z = z + bias.to(cdt)
     if opts.logit_scale is not None:
