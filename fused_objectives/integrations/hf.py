@@ -302,24 +302,13 @@ def _refuse_sharded_wrapper(model, head):
 
 
 # ------------------------------------------------------------------------------ autograd glue
-class _Carrier(torch.autograd.Function):
-    """Returns ``stand_in`` unchanged; its backward makes ``source``'s graph wait for the head output's
-    gradient, so the hooks ZeRO-3 / FSDP attach to the head's output (re-gathering its weight) run before
-    the fused loss's backward needs that weight."""
+class _Tie(torch.autograd.Function):
+    """Returns ``value`` unchanged, with a zero-gradient edge to ``anchor``.
 
-    @staticmethod
-    def forward(ctx, stand_in, source):
-        ctx.source_meta = (source.shape, source.dtype, source.device)
-        return stand_in.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        shape, dtype, device = ctx.source_meta
-        return grad, torch.zeros(shape, dtype=dtype, device=device)
-
-
-class _Anchor(torch.autograd.Function):
-    """Returns ``value`` unchanged, with a zero-gradient edge to ``anchor`` (the head's transformed output)."""
+    Two uses: the head's stand-in output tied to the fused loss's graph makes that graph wait for the
+    head output's gradient, so the hooks ZeRO-3 / FSDP attach to the head's output (re-gathering its
+    weight) run before the fused loss's backward needs that weight; and TRL's fields tied to the
+    head's transformed output keep the head in the graph."""
 
     @staticmethod
     def forward(ctx, value, anchor):
@@ -334,7 +323,7 @@ class _Anchor(torch.autograd.Function):
 
 def _tie(value, anchor):
     if torch.is_grad_enabled() and (value.requires_grad or anchor.requires_grad):
-        return _Anchor.apply(value, anchor)
+        return _Tie.apply(value, anchor)
     return value
 
 
@@ -425,7 +414,7 @@ class _Call:
         self.stand_in = stand
         self.head_done = True
         if torch.is_grad_enabled() and source.requires_grad:
-            return _Carrier.apply(stand, source)
+            return _Tie.apply(stand, source)
         return stand
 
     def loss_function(self, logits=None, labels=None, vocab_size=None, num_items_in_batch=None,
