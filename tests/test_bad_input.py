@@ -82,7 +82,7 @@ def test_bad_input(backend, case, exc, match):
     elif case == "normalize":
         kw = dict(normalize="all")
     elif case == "objective":
-        kw = dict(objective="focal")
+        kw = dict(objective="no_such_objective")
     elif case == "objective_param":
         kw = dict(objective="power:-1")
     elif case == "threshold":

@@ -21,8 +21,12 @@ def test_quickstart(capsys):
     assert "fused" in capsys.readouterr().out
 
 
-def test_custom_objective(capsys):
+def test_custom_objective(capsys, monkeypatch):
     import fused_objectives as fo
+    from fused_objectives import objectives
+
+    # the example registers "focal" process-wide: keep it out of the other tests in this worker
+    monkeypatch.setattr(objectives, "_USER", dict(objectives._USER))
 
     results = _load("custom_objective").main(["--steps", "3", "--vocab", "31", "--hidden", "16", "--batch", "4",
                                               "--seq", "12"])

@@ -89,7 +89,7 @@ def test_aliases(alias, canonical):
     ("power:-1", "must be > 0"), ("power:0", "must be > 0"), ("nll_top:1.5", r"in \[0, 1\]"),
     ("nll_top:-0.1", r"in \[0, 1\]"), ("power:abc", "not a number"), ("power:nan", "finite"),
     ("power", "needs a parameter"), ("power:", "needs a parameter"), ("nll:3", "takes no parameter"),
-    ("focal", "unknown objective"), ("GeneralFamily-x", "not a number"),
+    ("no_such_objective", "unknown objective"), ("GeneralFamily-x", "not a number"),
 ])
 def test_bad_specs(spec, match):
     with pytest.raises(ValueError, match=match):
