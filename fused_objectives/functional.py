@@ -236,8 +236,7 @@ def linear_objective_loss(
     elif reduction == "sum":
         loss = total
     else:
-        n_valid = valid.sum()
-        denom = _denominator(num_items_in_batch, n_valid, kept.sum(), normalize, total.device)
+        denom = _denominator(num_items_in_batch, valid.sum(), kept.sum(), normalize, total.device)
         denom = denom.to(total.dtype)
         loss = torch.where(denom != 0, total / torch.where(denom != 0, denom, torch.ones_like(denom)),
                            total * 0.0)

@@ -1,15 +1,13 @@
 """Block sizes and launch parameters of the fused kernels, all in one place.
 
-The defaults are a tuned guess for Hopper/Ampere (bf16 tensor cores, 128-wide tiles).  Setting
-``FUSED_OBJECTIVES_AUTOTUNE=1`` makes the launchers benchmark the candidates below once per shape
-and dtype instead.  Under ``TRITON_INTERPRET=1`` (CPU tests) small tiles keep the interpreter fast
-while still exercising masking (V and H not multiples of the block).
+The defaults are an untuned guess for Hopper/Ampere (bf16 tensor cores, 128-wide tiles); no GPU
+has measured them yet.  Under ``TRITON_INTERPRET=1`` (CPU tests) small tiles keep the interpreter
+fast while still exercising masking (V and H not multiples of the block).
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import List
 
 
 @dataclass(frozen=True)
@@ -25,23 +23,10 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def autotune_enabled() -> bool:
-    return os.environ.get("FUSED_OBJECTIVES_AUTOTUNE", "0") not in ("", "0")
-
-
 # Forward: online logsumexp over vocabulary tiles; backward: recompute + dX/dW atomics.
 FORWARD_DEFAULT = KernelConfig(block_n=128, block_v=128, block_h=64, num_warps=8, num_stages=3)
 BACKWARD_DEFAULT = KernelConfig(block_n=128, block_v=128, block_h=64, num_warps=8, num_stages=3)
 INTERPRET = KernelConfig(block_n=16, block_v=32, block_h=16, num_warps=1, num_stages=1)
-
-CANDIDATES: List[KernelConfig] = [
-    KernelConfig(128, 128, 64, 8, 3),
-    KernelConfig(128, 128, 64, 8, 4),
-    KernelConfig(128, 256, 64, 8, 3),
-    KernelConfig(256, 128, 64, 8, 3),
-    KernelConfig(64, 256, 64, 4, 4),
-    KernelConfig(128, 64, 64, 4, 4),
-]
 
 # Enough vocabulary splits in the forward that the grid fills the GPU even when N is small.
 TARGET_PROGRAMS = 4 * 132
