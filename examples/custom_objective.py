@@ -14,6 +14,7 @@ materialised logits, then trains a tiny language model with it (and with ``--com
     python examples/custom_objective.py --steps 300 --compare nll neg_p
 """
 import argparse
+import sys
 import time
 
 import torch
@@ -146,4 +147,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    # bad arguments or data: one line, no traceback
+    try:
+        main()
+    except (ValueError, TypeError, OSError, fo.integrations.hf.UnsupportedModelError) as exc:
+        raise SystemExit(f"{sys.argv[0]}: error: {exc}") from None

@@ -205,4 +205,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    # bad arguments or data: one line, no traceback
+    try:
+        main()
+    except (ValueError, TypeError, OSError, fo.integrations.hf.UnsupportedModelError) as exc:
+        raise SystemExit(f"{sys.argv[0]}: error: {exc}") from None

@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import random
+import sys
 
 CHARS = list("abcdefghijklmnopqrstuvwxyz0123456789 +-*=?.,:!\n")
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
@@ -108,4 +109,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    # bad arguments or data: one line, no traceback
+    try:
+        main()
+    except (ValueError, TypeError, OSError, KeyError) as exc:
+        raise SystemExit(f"{sys.argv[0]}: error: {exc}") from None

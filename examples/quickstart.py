@@ -4,6 +4,7 @@ Computes NLL the unfused way (full logits + F.cross_entropy) and the fused way, 
 then trains a toy LM head with a probability-based objective of arXiv 2510.00526.
 """
 import argparse
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -51,4 +52,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    # bad arguments or data: one line, no traceback
+    try:
+        main()
+    except (ValueError, TypeError, OSError, fo.integrations.hf.UnsupportedModelError) as exc:
+        raise SystemExit(f"{sys.argv[0]}: error: {exc}") from None

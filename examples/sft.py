@@ -110,25 +110,46 @@ def training_arguments(args, output_dir):
     return TrainingArguments(**{k: v for k, v in kw.items() if k in names})
 
 
+def objective_spec(spec):
+    """--objective: a clear one-line error for a bad spec, before anything is loaded."""
+    try:
+        fo.get_objective(spec)
+    except (ValueError, TypeError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return spec
+
+
+def positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--model", help="model directory or Hugging Face name (causal LM)")
     parser.add_argument("--data", help="JSON Lines or saved datasets directory (prompt/response or messages)")
     parser.add_argument("--tiny", action="store_true", help="tiny random model, tokenizer and data built locally")
-    parser.add_argument("--objective", default="nll", help="objective spec, e.g. nll, neg_p, nll_top:0.2, power:10")
+    parser.add_argument("--objective", default="nll", type=objective_spec,
+                        help="objective spec, e.g. nll, neg_p, nll_top:0.2, power:10")
     parser.add_argument("--probe", action="store_true",
                         help="choose the objective from fo.probe's heuristic recommendation")
-    parser.add_argument("--probe-limit", type=int, default=1000, help="examples the probe looks at (default 1000)")
+    parser.add_argument("--probe-limit", type=positive_int, default=1000,
+                        help="examples the probe looks at (default 1000)")
     parser.add_argument("--normalize", default="valid", choices=("valid", "kept"),
                         help="mean over valid tokens (HF) or over tokens kept by the gate (the paper)")
     parser.add_argument("--prompt-field", default="prompt")
     parser.add_argument("--response-field", default="response")
     parser.add_argument("--messages-field", default=None, help="conversation field: chat template, assistant turns")
-    parser.add_argument("--max-length", type=int, default=1024)
+    parser.add_argument("--max-length", type=positive_int, default=1024)
     parser.add_argument("--limit", type=int, default=None, help="use only the first K examples")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--grad-accum", type=int, default=1)
+    parser.add_argument("--batch-size", type=positive_int, default=4)
+    parser.add_argument("--grad-accum", type=positive_int, default=1)
     parser.add_argument("--lr", type=float, default=None, help="default 5e-5 (1e-3 with --tiny)")
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--max-steps", type=int, default=-1)
@@ -139,8 +160,8 @@ def main(argv=None):
     parser.add_argument("--json", default=None, metavar="PATH", help="write the run's summary as JSON")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    parser.add_argument("--tiny-hidden", type=int, default=64)
-    parser.add_argument("--tiny-examples", type=int, default=64)
+    parser.add_argument("--tiny-hidden", type=positive_int, default=64)
+    parser.add_argument("--tiny-examples", type=positive_int, default=64)
     args = parser.parse_args(argv)
     if args.lr is None:
         args.lr = 1e-3 if args.tiny else 5e-5
@@ -181,4 +202,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    # bad arguments or data: one line, no traceback
+    try:
+        main()
+    except (ValueError, TypeError, OSError, fo.integrations.hf.UnsupportedModelError) as exc:
+        raise SystemExit(f"{sys.argv[0]}: error: {exc}") from None

@@ -10,8 +10,42 @@ from __future__ import annotations
 import argparse
 import importlib
 import inspect
+import os
 import sys
+import time
 from typing import Dict, List, Optional, Tuple
+
+# Read by every progress line of this package (and by the one-line notice of the CPU backend's
+# first C++ build): set by --no-progress / --quiet, or by a user who wants silence everywhere.
+QUIET_ENV = "FUSED_OBJECTIVES_QUIET"
+
+
+def quiet() -> bool:
+    """True when progress output is silenced (``FUSED_OBJECTIVES_QUIET`` set, not ``0``)."""
+    return os.environ.get(QUIET_ENV, "") not in ("", "0")
+
+
+def silence_progress() -> None:
+    """``--no-progress``: silence this package's progress lines and the libraries' progress bars
+    (transformers' and huggingface_hub's loading bars, datasets', any tqdm); call before loading models."""
+    os.environ[QUIET_ENV] = "1"
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
+    os.environ["TQDM_DISABLE"] = "1"
+    if "transformers" in sys.modules:  # the env var is read at import time only
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
+
+
+class Status:
+    """One line on stderr per step of a long command (``[  12s] loading the model ...``), so no
+    command is silent for long; nothing when :func:`quiet`."""
+
+    def __init__(self, prog: str):
+        self.prog, self.t0 = prog, time.monotonic()
+
+    def __call__(self, message: str) -> None:
+        if not quiet():
+            print(f"{self.prog} [{time.monotonic() - self.t0:4.0f}s] {message}", file=sys.stderr, flush=True)
 
 # name -> (module, one-line help); the module is imported only when its subcommand runs
 SUBCOMMANDS: Dict[str, Tuple[str, str]] = {

@@ -53,7 +53,8 @@ def _objective(s: str) -> str:
     try:
         return fo.get_objective(s).name
     except (ValueError, TypeError, KeyError) as exc:
-        raise argparse.ArgumentTypeError(str(exc).strip("'\""))
+        # str(KeyError) wraps its message in quotes; args[0] is the message itself
+        raise argparse.ArgumentTypeError(str(exc.args[0]) if exc.args else str(exc))
 
 
 def _provider(s: str) -> str:

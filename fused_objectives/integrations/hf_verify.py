@@ -208,6 +208,21 @@ def check_family(model_type: str, class_name: str = "") -> FamilyResult:
         res.reason += " | " + traceback.format_exc(limit=-3).replace("\n", " ")[-300:]
         _safe_unpatch(model)
         return res
+    try:
+        problems = _compare(model, inputs, res, out1, loss0, g0, logits0, labels)
+    except Exception as e:  # after a successful build, any exception is a failure of the patch
+        problems = [f"raised {_first_line(e)} | " + traceback.format_exc(limit=-3).replace("\n", " ")[-300:]]
+        _safe_unpatch(model)
+    if problems:
+        res.status, res.reason = "FAILED", "; ".join(problems)
+    else:
+        res.status, res.reason = "exact", ""
+    return res
+
+
+def _compare(model, inputs, res, out1, loss0, g0, logits0, labels) -> List[str]:
+    """The patched nll result against the unpatched one, patched neg_p against the unpatched logits,
+    then unpatch: the problems found (empty when exact)."""
     g1 = _grads(model)
     model.zero_grad(set_to_none=True)
     res.loss_err = abs(out1.loss.item() - loss0.item())
@@ -245,11 +260,7 @@ def check_family(model_type: str, class_name: str = "") -> FamilyResult:
         out2 = model(**inputs)
     if out2.logits is None or abs(out2.loss.item() - loss0.item()) > 1e-6 * (1 + abs(loss0.item())):
         problems.append("unpatched model does not give its original output back")
-    if problems:
-        res.status, res.reason = "FAILED", "; ".join(problems)
-    else:
-        res.status, res.reason = "exact", ""
-    return res
+    return problems
 
 
 def _safe_unpatch(model):
@@ -318,8 +329,57 @@ def markdown_table(results: List[FamilyResult], transformers_version: str) -> st
     return "\n".join(lines) + "\n"
 
 
-if __name__ == "__main__":  # pragma: no cover
+def main(argv: Optional[List[str]] = None) -> int:
+    """``python -m fused_objectives.integrations.hf_verify``: the family table for the installed
+    transformers; 1 when a family FAILED."""
+    import argparse
+    import sys
+    import time
+
+    parser = argparse.ArgumentParser(
+        prog="python -m fused_objectives.integrations.hf_verify",
+        description="Check fo.patch_model on every causal-LM family of the installed transformers: a tiny random "
+                    "model per family (no download), patched loss and gradients against the unpatched model's. "
+                    "Takes a few minutes on CPU for all families.")
+    parser.add_argument("model_types", nargs="*", metavar="MODEL_TYPE",
+                        help="only these model types (e.g. llama gemma2); default: every family")
+    parser.add_argument("--markdown", metavar="PATH", help="write the table as Markdown to PATH")
+    parser.add_argument("--no-progress", action="store_true", help="print only the summary and table")
+    args = parser.parse_args(argv)
+    from ..cli import Status, silence_progress
+
+    if args.no_progress:
+        silence_progress()
+    status = Status("hf_verify")
+    status("loading transformers ...")
     import transformers
 
-    res = check_all(log=print)
-    print(markdown_table(res, transformers.__version__))
+    known = [mt for mt, _ in causal_lm_types()]
+    unknown = [mt for mt in args.model_types if mt not in known]
+    if unknown:
+        parser.error(f"not a causal-LM model type of transformers {transformers.__version__}: "
+                     f"{', '.join(unknown)} (e.g. {', '.join(known[:5])})")
+    todo = args.model_types or known
+    t0 = time.monotonic()
+    done = [0]
+
+    def log(line: str) -> None:
+        done[0] += 1
+        left = (time.monotonic() - t0) / done[0] * (len(todo) - done[0])
+        status(f"[{done[0]}/{len(todo)}, ~{left:.0f}s left] {line}")
+
+    results = check_all(args.model_types or None, log=log)
+    text = markdown_table(results, transformers.__version__)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(text)
+        print(f"wrote {args.markdown}")
+    else:
+        print(text)
+    counts = {s: sum(r.status == s for r in results) for s in ("exact", "refused", "FAILED", "skipped")}
+    print(", ".join(f"{n} {s}" for s, n in counts.items()))
+    return 1 if counts["FAILED"] else 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
