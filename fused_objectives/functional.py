@@ -6,23 +6,24 @@ through the autograd Function, or the reference), then the objective and the red
 """
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import dataclass, fields
 from typing import Callable, Optional, Tuple, Union
 
 import torch
 
-from .autograd import ObjectiveSumFunction, TargetLogprobFunction
-from .backends.chunked import objective_coefficients
-from .backends import REFERENCE, reference, resolve_backend
+from .autograd import ObjectiveSumFunction, TargetLogprobFunction, objective_coefficients
+from .backends import REFERENCE, check_backend_name, reference, resolve_backend
 from .objectives import Objective, get_objective
 from .options import LogitOptions
 
-__all__ = ["linear_objective_loss", "target_logprob", "LossStats"]
+__all__ = ["linear_objective_loss", "target_logprob", "LossStats", "validate_options"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _REDUCTIONS = ("mean", "sum", "none")
 _NORMALIZE = ("valid", "kept")
+_INT64 = (-(2**63), 2**63 - 1)
 
 
 @dataclass
@@ -56,6 +57,47 @@ class LossStats:
         return {k: getattr(self, k) for k in self.keys()}
 
 
+def _check_ignore_index(ignore_index) -> None:
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not _INT64[0] <= ignore_index <= _INT64[1]:
+        raise ValueError(f"ignore_index {ignore_index} does not fit in int64 (the targets' dtype); "
+                         f"use a value in [-2**63, 2**63 - 1], e.g. -100")
+
+
+def _check_flag(name, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+
+
+def validate_options(
+    *,
+    objective: Union[str, Objective, Callable[[torch.Tensor], torch.Tensor]] = "nll",
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    normalize: str = "valid",
+    shift: bool = False,
+    softcap: Optional[float] = None,
+    logit_scale: Optional[float] = None,
+    backend: str = "auto",
+    return_stats: bool = False,
+) -> Objective:
+    """Check the options of :func:`linear_objective_loss` without any tensor (e.g. when a module or
+    a patched model is configured) and return the resolved objective; raises the same
+    ``TypeError`` / ``ValueError`` the call would.  Not checked here, because they depend on the
+    call: whether the backend can run on the inputs' device, and ``num_items_in_batch``."""
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if normalize not in _NORMALIZE:
+        raise ValueError(f"normalize must be one of {_NORMALIZE}, got {normalize!r}")
+    _check_ignore_index(ignore_index)
+    _check_flag("shift", shift)
+    _check_flag("return_stats", return_stats)
+    LogitOptions(logit_scale=logit_scale, softcap=softcap)
+    check_backend_name(backend)
+    return get_objective(objective)
+
+
 def _check_inputs(hidden, weight, target, bias, ignore_index, shift, backend_name):
     if not isinstance(hidden, torch.Tensor):
         raise TypeError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
@@ -65,6 +107,10 @@ def _check_inputs(hidden, weight, target, bias, ignore_index, shift, backend_nam
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
     if bias is not None and not isinstance(bias, torch.Tensor):
         raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    for name, t in (("hidden", hidden), ("weight", weight), ("target", target), ("bias", bias)):
+        if t is not None and t.device.type == "meta":
+            raise ValueError(f"{name} is a meta tensor (shape {tuple(t.shape)}, no data): the loss needs "
+                             f"real values; materialise the model (e.g. to_empty() and load weights) first")
     allowed = _FLOAT_DTYPES + ((torch.float64,) if backend_name == REFERENCE else ())
     if hidden.dtype not in allowed:
         names = ", ".join(str(d).replace("torch.", "") for d in allowed)
@@ -93,10 +139,8 @@ def _check_inputs(hidden, weight, target, bias, ignore_index, shift, backend_nam
     for name, t in (("weight", weight), ("target", target), ("bias", bias)):
         if t is not None and t.device != hidden.device:
             raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    if not isinstance(shift, bool):
-        raise TypeError(f"shift must be a bool, got {type(shift).__name__}")
+    _check_ignore_index(ignore_index)
+    _check_flag("shift", shift)
     if shift and target.dim() < 1:
         raise ValueError("shift=True needs target with a sequence dimension, got a 0-dim target")
 
@@ -155,19 +199,57 @@ def target_logprob(
     return logp.reshape(shape)
 
 
-def _denominator(num_items_in_batch, n_valid, n_kept, normalize, device):
+def _count_tensor(value: torch.Tensor, device: torch.device, host_check: bool) -> torch.Tensor:
+    """A ``num_items_in_batch`` tensor as a float64 scalar on ``device``.
+
+    Checked on the host (shape, dtype, device) always; its value (finite and >= 0) is checked on the
+    host when ``host_check`` (a CPU tensor: reading it is free), else on the device without a sync:
+    an invalid count then makes the denominator, and so the loss, NaN."""
+    if value.numel() != 1:
+        raise ValueError(f"num_items_in_batch must be a number or a 1-element tensor, got shape {tuple(value.shape)}")
+    if value.dtype == torch.bool or value.is_complex():
+        raise TypeError(f"num_items_in_batch must be an integer or floating tensor (a token count), got {value.dtype}")
+    if value.device.type == "meta":
+        raise ValueError("num_items_in_batch is a meta tensor (no data); pass a real count")
+    count = value.detach().reshape(()).to(device=device, dtype=torch.float64)
+    if host_check:
+        v = float(count)
+        if not math.isfinite(v):
+            raise ValueError(f"num_items_in_batch must be finite, got {v}")
+        if v < 0:
+            raise ValueError(f"num_items_in_batch must be >= 0, got {v:g}")
+        return count
+    ok = torch.isfinite(count) & (count >= 0)
+    return torch.where(ok, count, torch.full_like(count, float("nan")))
+
+
+def _num_items(num_items_in_batch, device) -> Optional[torch.Tensor]:
+    """The validated ``num_items_in_batch`` as a scalar tensor on ``device`` (None when not given)."""
     if num_items_in_batch is None:
-        return n_valid if normalize == "valid" else n_kept
+        return None
     if isinstance(num_items_in_batch, torch.Tensor):
-        if num_items_in_batch.numel() != 1 or num_items_in_batch.is_complex():
-            raise ValueError(f"num_items_in_batch must be a number or a 1-element tensor, "
-                             f"got shape {tuple(num_items_in_batch.shape)}")
-        return num_items_in_batch.reshape(()).to(device)
+        return _count_tensor(num_items_in_batch, device, host_check=num_items_in_batch.device.type == "cpu")
     if isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, numbers.Real):
         raise TypeError(f"num_items_in_batch must be an int or a 0-dim tensor, got {type(num_items_in_batch).__name__}")
+    if not math.isfinite(num_items_in_batch):
+        raise ValueError(f"num_items_in_batch must be finite, got {num_items_in_batch}")
     if num_items_in_batch < 0:
         raise ValueError(f"num_items_in_batch must be >= 0, got {num_items_in_batch}")
-    return torch.tensor(num_items_in_batch, device=device)
+    return torch.tensor(float(num_items_in_batch), dtype=torch.float64, device=device)
+
+
+def _parameter_term(obj: Objective, logp: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Zero, with the gradient of the summed objective with respect to the objective's own tensors
+    (e.g. a learnable focal gamma): the gradients-in-forward path differentiates the objective with
+    respect to ``logp`` only, so autograd would not reach them otherwise."""
+    zero = torch.zeros((), dtype=torch.float32, device=logp.device)
+    if not torch.is_grad_enabled():
+        return zero
+    extra = obj.per_token(logp.detach(), valid)[0].sum()
+    if not extra.requires_grad:  # the built-in objectives: no tensors of their own
+        return zero
+    # finite check: inf - inf would turn an infinite loss into NaN
+    return torch.where(torch.isfinite(extra), extra - extra.detach(), zero.to(extra.dtype))
 
 
 def linear_objective_loss(
@@ -204,6 +286,17 @@ def linear_objective_loss(
 
     On CUDA, a target outside ``[0, V)`` that is not ``ignore_index`` makes that token's
     log-probability, and so the loss, NaN (no host sync, no out-of-bounds read); on CPU it raises.
+    ``num_items_in_batch``: a Python number or a CPU tensor must be finite and >= 0 (else
+    ``ValueError``); a tensor must hold one element of an integer or floating dtype (not bool,
+    complex or meta: ``TypeError`` / ``ValueError``); a CUDA tensor's value is checked on the device
+    without a host sync: a negative or non-finite count makes the loss NaN.
+
+    Precision: fp16 inputs need a loss scaler (``torch.amp.GradScaler``), as in any fp16 training:
+    a gradient entry below fp16's smallest subnormal (6e-8; e.g. a mean over many tokens times
+    small probabilities) rounds to 0 when the gradients are returned in fp16.  bf16 has fp32's range.
+    Double backward (``create_graph=True``) works with ``reduction="none"`` on every backend (its
+    second-order graph materialises fp32 ``[N, V]`` logits) and with ``backend="reference"``; a
+    fused backend's scalar reductions compute the gradients in the forward and raise instead.
     """
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
@@ -220,12 +313,14 @@ def linear_objective_loss(
     obj = get_objective(objective)
     h2, t1, valid, opts, impl, shape = _prepare(hidden, weight, target, bias, ignore_index, shift,
                                                 softcap, logit_scale, backend)
+    items = _num_items(num_items_in_batch, hidden.device)
     wants_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias))
     if reduction != "none" and wants_grad and hasattr(impl, "forward_with_grad"):
         # a scalar loss: the backend computes the gradients while the logits are at hand
         total, logp, kept, hit = ObjectiveSumFunction.apply(h2, weight, bias, t1, valid, opts, impl,
                                                             objective_coefficients(obj))
+        total = total + _parameter_term(obj, logp, valid)
     else:
         logp, hit = _logprob(h2, weight, bias, t1, valid, opts, impl)
         per_tok, kept = obj.per_token(logp, valid)
@@ -236,7 +331,7 @@ def linear_objective_loss(
     elif reduction == "sum":
         loss = total
     else:
-        denom = _denominator(num_items_in_batch, valid.sum(), kept.sum(), normalize, total.device)
+        denom = items if items is not None else valid.sum() if normalize == "valid" else kept.sum()
         denom = denom.to(total.dtype)
         loss = torch.where(denom != 0, total / torch.where(denom != 0, denom, torch.ones_like(denom)),
                            total * 0.0)

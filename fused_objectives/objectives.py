@@ -10,6 +10,7 @@ This module is the one registry.  Adding an objective means adding one entry to 
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass, field
@@ -54,7 +55,7 @@ class Objective:
         kept = valid
         if self.gate is not None:
             p = logp.detach().exp()
-            kept = valid & (self.gate(p) | torch.isnan(p))
+            kept = valid & (self._gate_mask(p) | torch.isnan(p))
         safe = torch.where(kept, logp, torch.full_like(logp, _SAFE_LOGP))
         per_tok = self.loss(safe)
         if not isinstance(per_tok, torch.Tensor) or per_tok.shape != logp.shape:
@@ -64,6 +65,17 @@ class Objective:
                 f"{tuple(per_tok.shape) if isinstance(per_tok, torch.Tensor) else type(per_tok).__name__}"
             )
         return torch.where(kept, per_tok, torch.zeros_like(per_tok)), kept
+
+    def _gate_mask(self, p: torch.Tensor) -> torch.Tensor:
+        mask = self.gate(p)
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            got = f"dtype {mask.dtype}" if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise TypeError(f"the gate of objective {self.name!r} must return a bool tensor (a comparison "
+                            f"such as p >= t), got {got}")
+        if mask.shape != p.shape:
+            raise ValueError(f"the gate of objective {self.name!r} must return a bool tensor shaped like "
+                             f"its input p {tuple(p.shape)}, got {tuple(mask.shape)}")
+        return mask
 
     def __call__(self, logp: torch.Tensor) -> torch.Tensor:
         """Per-token loss of ``logp`` with every token valid (gate applied)."""
@@ -81,24 +93,42 @@ class _Entry:
     aliases: Tuple[str, ...] = field(default_factory=tuple)
 
 
+# Module-level functions bound with functools.partial (not lambdas), so objectives pickle.
+def _at_least(t: float, p: torch.Tensor) -> torch.Tensor:
+    return p >= t
+
+
+def _at_most(t: float, p: torch.Tensor) -> torch.Tensor:
+    return p <= t
+
+
 def _ge(t: float) -> GateFn:
-    return lambda p: p >= t
+    return functools.partial(_at_least, t)
 
 
 def _le(t: float) -> GateFn:
-    return lambda p: p <= t
+    return functools.partial(_at_most, t)
 
 
 def _nll(logp):
     return -logp
 
 
+def _one_minus_exp(x: torch.Tensor) -> torch.Tensor:
+    """``1 - exp(x)`` accurate at both ends: the value is ``-expm1(x)`` (``1 - exp(x)`` in float32 is
+    19% off at ``1 - p = 1e-7``), the derivative ``-exp(x)`` computed directly (autograd's expm1
+    derivative, ``result + 1``, rounds ``exp(x) < 6e-8`` to 0 in float32)."""
+    e = torch.exp(x)
+    # e.detach() - e is exactly 0 in value and carries the derivative -exp(x)
+    return -torch.expm1(x.detach()) + (e.detach() - e)
+
+
 def _neg_p(logp):
-    return 1.0 - logp.exp()
+    return _one_minus_exp(logp)
 
 
 def _unlikelihood(logp):
-    return torch.log(1.0 - logp.exp() + 1e-3)
+    return torch.log(_one_minus_exp(logp) + 1e-3)
 
 
 def _dft(logp):
@@ -112,12 +142,25 @@ def _gated(base: str, fn: LossFn, gate_of: Callable[[float], GateFn], sym: str, 
     return build
 
 
+def _power_loss(a: float, logp: torch.Tensor) -> torch.Tensor:
+    # (1 - p^a) / a with an expm1 value: tends to -l (NLL) as a -> 0 instead of rounding to 0
+    return _one_minus_exp(a * logp) / a
+
+
+def _neg_power_loss(a: float, logp: torch.Tensor) -> torch.Tensor:
+    return -torch.exp(a * logp) / a
+
+
+def _with_param(fn: Callable, value: float, x: torch.Tensor) -> torch.Tensor:
+    return fn(x, value)
+
+
 def _power(a):
-    return Objective(f"power:{a:g}", lambda l: (1.0 - torch.exp(a * l)) / a, None, f"loss (1 - p^{a:g})/{a:g}, weight p^{a:g}")
+    return Objective(f"power:{a:g}", functools.partial(_power_loss, a), None, f"loss (1 - p^{a:g})/{a:g}, weight p^{a:g}")
 
 
 def _neg_power(a):
-    return Objective(f"neg_power:{a:g}", lambda l: -torch.exp(a * l) / a, None, f"loss -p^{a:g}/{a:g}, weight p^{a:g}")
+    return Objective(f"neg_power:{a:g}", functools.partial(_neg_power_loss, a), None, f"loss -p^{a:g}/{a:g}, weight p^{a:g}")
 
 
 _BUILTINS: Dict[str, _Entry] = {
@@ -208,8 +251,8 @@ def get_objective(spec: Union[str, Objective, Callable[[torch.Tensor], torch.Ten
         if not takes_param:
             return Objective(name, fn, gate, formula)
         value = _parse_param(spec, name, raw, "any")
-        return Objective(f"{name}:{value:g}", lambda l: fn(l, value),
-                         (lambda p: gate(p, value)) if gate is not None else None, formula)
+        return Objective(f"{name}:{value:g}", functools.partial(_with_param, fn, value),
+                         functools.partial(_with_param, gate, value) if gate is not None else None, formula)
     if name not in _BUILTINS:
         known = ", ".join(list_objectives())
         raise ValueError(f"unknown objective {spec!r}; known objectives: {known}")

@@ -44,16 +44,23 @@ def _auto(device: torch.device) -> str:
     return REFERENCE
 
 
-def resolve_backend(name: str, device: torch.device):
-    """Return ``"reference"`` or a fused backend object for ``name`` on ``device``."""
+def check_backend_name(name) -> str:
+    """Raise unless ``name`` is ``"auto"`` or a registered backend; whether it can run on the
+    inputs' device is known only at the call (see ``resolve_backend``)."""
     if not isinstance(name, str):
         raise TypeError(f"backend must be a string, got {type(name).__name__}")
+    if name != "auto" and name not in available_backends():
+        raise ValueError(f"unknown backend {name!r}; expected 'auto' or one of {list(available_backends())}")
+    return name
+
+
+def resolve_backend(name: str, device: torch.device):
+    """Return ``"reference"`` or a fused backend object for ``name`` on ``device``."""
+    check_backend_name(name)
     if name == "auto":
         name = _auto(device)
     if name == REFERENCE:
         return REFERENCE
-    if name not in _FUSED:
-        raise ValueError(f"unknown backend {name!r}; expected 'auto' or one of {list(available_backends())}")
     backend = _FUSED[name]
     reason = backend.unavailable_reason(device)
     if reason is not None:

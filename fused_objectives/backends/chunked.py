@@ -23,22 +23,6 @@ from ..options import LogitOptions
 CoefFn = Callable[[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
-def objective_coefficients(objective) -> CoefFn:
-    """``coef_fn(logp, valid) -> (sum of per-token losses, kept, dSum/dlogp)`` for one chunk."""
-
-    def coef_fn(logp: torch.Tensor, valid: torch.Tensor):
-        with torch.enable_grad():
-            lp = logp.detach().requires_grad_()
-            per_tok, kept = objective.per_token(lp, valid)
-            total = per_tok.sum()
-            (grad,) = torch.autograd.grad(total, lp, allow_unused=True)
-        if grad is None:
-            grad = torch.zeros_like(lp)
-        return total.detach(), kept, grad
-
-    return coef_fn
-
-
 def forward_with_grad(
     hidden: torch.Tensor,
     weight: torch.Tensor,

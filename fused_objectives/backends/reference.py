@@ -13,12 +13,33 @@ import torch
 from ..options import LogitOptions
 
 
+class _LinearNoAutocast(torch.autograd.Function):
+    """``x @ w.T`` whose forward *and backward* GEMMs keep the inputs' precision inside an autocast
+    region: autograd's own matmul backward runs under the caller's autocast state (on CPU the
+    backward runs in the calling thread), so in a bf16 region its dX/dW GEMMs ran in bf16."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        with torch.autocast(x.device.type, enabled=False):
+            return x @ w.T
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w = ctx.saved_tensors
+        # plain differentiable ops: a create_graph=True backward can differentiate them again
+        with torch.autocast(x.device.type, enabled=False):
+            dx = grad @ w if ctx.needs_input_grad[0] else None
+            dw = grad.T @ x if ctx.needs_input_grad[1] else None
+        return dx, dw
+
+
 def logits(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], opts: LogitOptions) -> torch.Tensor:
     """``[N, V]`` logits in float32 (float64 for float64 inputs), transforms applied."""
     cdt = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    # fp32 logits even inside an autocast region (which would run this matmul in bf16/fp16)
+    # fp32 logits and fp32 gradient GEMMs even inside an autocast region (bf16/fp16 otherwise)
     with torch.autocast(hidden.device.type, enabled=False):
-        z = hidden.to(cdt) @ weight.to(cdt).T
+        z = _LinearNoAutocast.apply(hidden.to(cdt), weight.to(cdt))
     if bias is not None:
         z = z + bias.to(cdt)
     if opts.logit_scale is not None:
