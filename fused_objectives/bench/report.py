@@ -18,6 +18,8 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from . import roofline
+
 FIELDS = ["provider", "objective", "preset", "tokens", "hidden", "vocab", "dtype", "device", "pass", "time_ms",
           "peak_mem_mb", "tflops", "matmul_ratio", "correct", "max_rel_error", "status", "reason", "backend",
           "softcap", "ignored_fraction", "valid_tokens", "speedup_vs_reference", "extra_mem_mb", "grad_mem_mb",
@@ -121,6 +123,9 @@ def table(records: Sequence[dict], machine: Dict[str, object]) -> str:
             check = f"ok (err {_fmt(r['max_rel_error'], '.1e')})"
         else:
             check = f"WRONG (err {_fmt(r['max_rel_error'], '.1e')} > {_fmt(r['tolerance'], '.0e')})"
+        # GPU rows: the roofline model's prediction beside the measurement (EVIDENCE, issue 10)
+        pred = roofline.predict_record(by_pass.get("fwd_bwd", r), machine)
+        check += f"; roofline {pred:.1f} ms" if pred is not None else ""
         speed = _fmt(r["speedup_vs_reference"], ".2f") if r["correct"] else ("n/a" if r["status"] == "wrong" else "-")
         lines.append([r["preset"], str(r["tokens"]), r["objective"], _fmt(r["ignored_fraction"], "g"), name]
                      + [_fmt(by_pass.get(p, {}).get("time_ms"), ".1f") for p in passes]
