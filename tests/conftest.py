@@ -28,7 +28,7 @@ def _seed():
 
 
 # Fused backends the core suite runs on (the reference is the ground truth, always tested).
-FUSED_BACKENDS = ["triton", "cpu"]
+FUSED_BACKENDS = ["triton", "triton_chunked", "triton_fused", "cpu"]
 
 
 @pytest.fixture(params=FUSED_BACKENDS)

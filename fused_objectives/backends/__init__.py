@@ -20,10 +20,13 @@ from typing import Dict, Optional
 
 import torch
 
-from .triton_backend import TritonBackend
+from .triton import TritonBackend
+from .triton_chunked import TritonChunkedBackend
+from .triton_fused import TritonFusedBackend
 
 REFERENCE = "reference"
-_FUSED: Dict[str, object] = {"triton": TritonBackend()}
+_FUSED: Dict[str, object] = {"triton": TritonBackend(), "triton_chunked": TritonChunkedBackend(),
+                             "triton_fused": TritonFusedBackend()}
 
 
 def register_backend(name: str, backend) -> None:

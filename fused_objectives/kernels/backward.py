@@ -4,7 +4,9 @@ For a loss whose derivative on the target log-probability of token i is ``c_i``,
 its logits is ``dz_ij = c_i * (onehot(y_i)_j - exp(z_ij - lse_i))``, times ``logit_scale`` and
 ``1 - tanh^2`` for the transforms.  Grid: (token blocks, vocabulary blocks of one slab).  Each
 program recomputes its ``[BLOCK_N, BLOCK_V]`` tile, forms ``dz`` and atomically adds
-``dz @ W_tile`` into dX and ``dz^T @ X_tile`` into the slab's dW (both fp32).  Tokens with
+``dz @ W_tile`` into dX and ``dz^T @ X_tile`` into the slab's dW (both fp32).  The atomics are
+``relaxed``: nothing inside the kernel reads what they write, and the kernel boundary orders them
+before any reader (the default ``acq_rel`` puts a GPU-wide fence around every one).  Tokens with
 ``c_i == 0`` (ignored, gated out) are compacted away on the device: they cost nothing.
 """
 from typing import Optional, Tuple
@@ -15,13 +17,13 @@ import triton.language as tl
 
 from ..options import LogitOptions
 from . import configs
-from .common import expm1, logits_tile
+from .common import logits_tile
 
 
 @triton.jit
 def grad_bwd_kernel(
     # pointers
-    x_ptr, w_ptr, b_ptr, tgt_ptr, state_ptr, coef_ptr, row_idx_ptr, n_active_ptr,
+    x_ptr, w_ptr, b_ptr, tgt_ptr, state_ptr, omp_ptr, coef_ptr, row_idx_ptr, n_active_ptr,
     dx_ptr, dw_ptr, db_ptr,
     # sizes
     N, V, H, v_start, v_end,
@@ -51,23 +53,23 @@ def grad_bwd_kernel(
     vmask = offs_v < v_end
 
     # [BLOCK_N, BLOCK_V]
-    z, t = logits_tile(x_ptr, w_ptr, b_ptr, tok, rmask, offs_v, vmask,
+    z, dcap = logits_tile(x_ptr, w_ptr, b_ptr, tok, rmask, offs_v, vmask,
                        H, stride_xn, stride_xh, stride_wv, stride_wh, logit_scale, softcap,
                        HAS_BIAS, HAS_SCALE, HAS_SOFTCAP, DOT_FP32, PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
-    # onehot - softmax.  At the target, 1 - p comes from the forward's log p, not from the
-    # recomputed tile: when p is near 1 it is all cancellation, and a recomputed logit that differs
-    # from the forward's by one rounding would change it by percents; -expm1 keeps its digits.
-    one_minus_p = -expm1(tl.load(state_ptr + 2 * N + tok, mask=rmask, other=0.0))
+    # onehot - softmax.  At the target, 1 - p comes from the forward's log p (-expm1(logp), taken
+    # by the launcher), not from the recomputed tile: when p is near 1 it is all cancellation, and a
+    # recomputed logit that differs from the forward's by one rounding would change it by percents.
+    one_minus_p = tl.load(omp_ptr + tok, mask=rmask, other=0.0)
     p = tl.exp((z - row_max[:, None]) - log_norm[:, None])
     g = tl.where(offs_v[None, :] == tgt[:, None], one_minus_p[:, None], -p) * coef[:, None]
     if HAS_SOFTCAP:
-        g = g * (1.0 - t * t)
+        g = g * dcap
     if HAS_SCALE:
         g = g * logit_scale
     g = tl.where(rmask[:, None] & vmask[None, :], g, 0.0)
 
     if COMPUTE_DB:
-        tl.atomic_add(db_ptr + offs_v, tl.sum(g, axis=0), mask=vmask)
+        tl.atomic_add(db_ptr + offs_v, tl.sum(g, axis=0), mask=vmask, sem="relaxed")
     if DOT_FP32:
         gd = g
     else:
@@ -83,7 +85,7 @@ def grad_bwd_kernel(
                 w = w.to(tl.float32)
             dx = tl.dot(gd, w, input_precision=PRECISION)  # [BLOCK_N, BLOCK_H]
             tl.atomic_add(dx_ptr + tok[:, None] * stride_dxn + offs_h[None, :], dx,
-                          mask=rmask[:, None] & hmask[None, :])
+                          mask=rmask[:, None] & hmask[None, :], sem="relaxed")
         if COMPUTE_DW:
             # [BLOCK_N, BLOCK_H]
             x = tl.load(x_ptr + tok[:, None] * stride_xn + offs_h[None, :] * stride_xh,
@@ -92,7 +94,7 @@ def grad_bwd_kernel(
                 x = x.to(tl.float32)
             dw = tl.dot(tl.trans(gd), x, input_precision=PRECISION)  # [BLOCK_V, BLOCK_H]
             tl.atomic_add(dw_ptr + (offs_v - v_start)[:, None] * stride_dwv + offs_h[None, :], dw,
-                          mask=vmask[:, None] & hmask[None, :])
+                          mask=vmask[:, None] & hmask[None, :], sem="relaxed")
 
 
 def fused_backward(
@@ -115,10 +117,11 @@ def fused_backward(
     N, H = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
-    cfg = configs.backward_config()
+    cfg = configs.backward_config(hidden.dtype)
     active = coef != 0  # NaN coefficients stay active, so NaN reaches the gradients
     row_idx = torch.argsort((~active).to(torch.int8), stable=True)
     n_active = active.sum(dtype=torch.int32).reshape(1)
+    one_minus_p = (-torch.expm1(lse_state[2])).contiguous()
 
     dx = torch.zeros((N, H), dtype=torch.float32, device=dev) if need_dx else None
     db = torch.zeros((V,), dtype=torch.float32, device=dev) if need_db else None
@@ -139,7 +142,7 @@ def fused_backward(
             if dw_buf is not None and v_start > 0:
                 dw_buf.zero_()
             grad_bwd_kernel[(n_blocks, triton.cdiv(v_end - v_start, cfg.block_v))](
-                hidden, weight, bias if bias is not None else hidden, target, lse_state, coef, row_idx, n_active,
+                hidden, weight, bias if bias is not None else hidden, target, lse_state, one_minus_p, coef, row_idx, n_active,
                 dx if dx is not None else coef, dw_buf if dw_buf is not None else coef,
                 db if db is not None else coef,
                 N, V, H, v_start, v_end,

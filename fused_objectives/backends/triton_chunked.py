@@ -1,0 +1,305 @@
+"""The chunked strategy (``backend="triton_chunked"``): library GEMMs + Triton row kernels, no atomics.
+
+**Scalar losses (mean / sum): gradients in the forward, three GEMMs** (``forward_with_grad``).
+The valid rows are compacted once (``valid.nonzero()``: the call's one host sync), then per chunk
+of ``rows`` tokens:
+
+1. ``z = X_c @ W^T`` with ``torch.mm`` (cuBLAS on CUDA) into a reused ``[rows, V]`` buffer in the
+   input dtype (fp32 accumulation inside the GEMM, one rounding: what eager PyTorch does);
+2. ``row_stats_kernel`` (kernels/rows.py): bias / scale / soft-cap in fp32, row max, argmax,
+   ``rest = sum exp(z - m)`` without the argmax's own term, target logit; then on ``[rows]``
+   vectors ``log_norm = log1p(rest)``, ``logp = z_t - m - log_norm``, ``1 - p = -expm1(logp)``
+   (confident tokens keep their digits), and the objective's coefficient ``c = dSum/dlogp``
+   through ``coef_fn`` (autograd on the ``[rows]`` vector);
+3. ``dz_kernel`` overwrites the buffer in place with ``c * (onehot - p)`` (times the soft-cap's
+   ``1 - tanh^2`` and ``logit_scale``) in the input dtype;
+4. ``dX_c = dz @ W`` (written once per row) and ``dW += dz^T @ X_c`` with ``torch.mm``;
+   ``db += dz.sum(0)`` in fp32.
+
+**Sync-free mode** (for CUDA graphs and ``torch.compile``-friendly loops): no compaction and no host
+sync at all; every row is processed (ignored rows get a zero coefficient and a zeroed hidden state,
+so they contribute exactly nothing, but they do cost their GEMM FLOPs).  It is on when the
+environment variable ``FUSED_OBJECTIVES_SYNC_FREE=1`` is set, when the module attribute
+``SYNC_FREE`` is set to True (``False`` forces compaction; ``None``, the default, defers to the
+variable), and always while a CUDA graph is being captured (a sync there would fail).
+
+**Per-token upstream gradients** (``forward`` / ``backward``, e.g. ``reduction="none"``,
+``target_logprob``): the forward runs steps 1-2 per token chunk and keeps ``(m, log_norm, logp)``
+(the same ``[3, N]`` state as the fused strategy).  The backward compacts the tokens with a non-zero
+coefficient (one sync; none in sync-free mode) and walks the vocabulary in slabs: per slab
+``z = X @ W_s^T`` (``[n, V_s]``), ``dz_kernel`` in place, ``dX += dz @ W_s`` (fp32 accumulator) and
+``dW_s = dz^T @ X`` written once, in the input dtype.  4 GEMMs, no atomics anywhere.
+
+**Memory** (the goal: extra memory at most 2% of eager at the llama3-8b head, N=8192, H=4096,
+V=128256, bf16).  Eager (``F.cross_entropy((h @ W.T).float(), y)``) holds at least three fp32
+``[N, V]`` tensors at its peak (the upcast logits, the saved log-softmax, its gradient): 3 x 4.2 GB
+= 12.6 GB, so 2% is >= 252 MB.  Here the extra memory of a scalar loss is the chunk buffer
+(``configs.CHUNK_BUDGET_BYTES`` = 192 MiB -> 768 rows x 128256 x 2 B = 197 MB), the gathered
+``X_c`` and ``dX_c`` (768 x 4096 x 2 B = 6.3 MB each) and ``[N]`` vectors: about 210 MB, 1.7% of
+eager (arithmetic, not measured: no GPU run yet).  dX and dW are the gradients themselves.
+The per-token backward adds the gathered ``X`` (``n x H``, input dtype), its fp32 dX accumulator
+(``n x H x 4``) and one ``[n, H]`` product buffer: 256 MB more at N=8192.
+
+**dW accumulation dtype.**  For bf16 / fp16 weights the scalar path accumulates dW *in place in the
+input dtype* by default: each chunk's GEMM accumulates in fp32 and rounds once as it adds into dW.
+Measured against float64 on CPU with torch's bf16 GEMMs (benchmarks/triton_dw_accumulation.py,
+benchmarks/results/triton_dw_accumulation.txt; N=4096, H=512, V=8192): normwise relative error
+2.00e-3 for eager (one GEMM), 2.79e-3 with 8 chunks, 3.02e-3 with 16, 3.33e-3 with 64, i.e. within
+1.7x of eager; an fp32 buffer stays at eager's 2.00e-3 but costs ``V * H * 4`` bytes (2.1 GB at the
+llama3-8b head, 17% of eager: far over the 2% goal).  ``DW_ACCUMULATE = "fp32"`` (or
+``FUSED_OBJECTIVES_DW_ACCUMULATE=fp32``) selects the fp32 buffer; its adds go through bounded
+vocabulary slabs (``DW_FP32_SLAB_BYTES``) of ``dz^T @ X_c`` products.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Optional, Tuple
+
+import torch
+
+from ..kernels import configs
+from ..options import LogitOptions
+from . import triton_common
+
+#: None: follow FUSED_OBJECTIVES_SYNC_FREE; True / False: force the sync-free / compacting mode.
+SYNC_FREE: Optional[bool] = None
+#: None: follow FUSED_OBJECTIVES_DW_ACCUMULATE ("input" default, or "fp32"); or set "input" / "fp32".
+DW_ACCUMULATE: Optional[str] = None
+#: Largest temporary of the fp32 dW mode's slab products (bytes).
+DW_FP32_SLAB_BYTES = 64 * 1024 * 1024
+
+CoefFn = Callable[[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def sync_free(device: torch.device) -> bool:
+    """Whether calls on ``device`` skip the compaction (and so every host sync)."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return True
+    if SYNC_FREE is not None:
+        return bool(SYNC_FREE)
+    return os.environ.get("FUSED_OBJECTIVES_SYNC_FREE", "0") not in ("", "0")
+
+
+def dw_accumulate() -> str:
+    mode = DW_ACCUMULATE if DW_ACCUMULATE is not None else os.environ.get("FUSED_OBJECTIVES_DW_ACCUMULATE", "input")
+    if mode not in ("input", "fp32"):
+        raise ValueError(f"dW accumulation mode must be 'input' or 'fp32', got {mode!r} "
+                         f"(triton_chunked.DW_ACCUMULATE / FUSED_OBJECTIVES_DW_ACCUMULATE)")
+    return mode
+
+
+def chunk_rows(n_cols: int, dtype: torch.dtype, budget: Optional[int] = None) -> int:
+    """Rows of a ``[rows, n_cols]`` buffer within the budget (a multiple of 64 once >= 64)."""
+    budget = configs.CHUNK_BUDGET_BYTES if budget is None else budget
+    elt = torch.empty((), dtype=dtype).element_size()
+    rows = max(1, budget // max(1, n_cols * elt))
+    return rows // 64 * 64 if rows >= 64 else rows
+
+
+class _Rows:
+    """The rows one call processes, in chunks: compacted indices, or every row (sync-free)."""
+
+    def __init__(self, mask: torch.Tensor, compact: bool):
+        self.n_total = mask.shape[0]
+        self.mask = mask
+        self.idx = mask.nonzero().squeeze(1) if compact else None  # the one host sync
+        self.count = self.idx.numel() if compact else self.n_total
+
+    def chunks(self, rows: int):
+        for start in range(0, self.count, rows):
+            stop = min(self.count, start + rows)
+            yield (self.idx[start:stop] if self.idx is not None else slice(start, stop)), stop - start
+
+    def take(self, t: torch.Tensor, sel) -> torch.Tensor:
+        return t.index_select(0, sel) if self.idx is not None else t[sel]
+
+    def put(self, dst: torch.Tensor, sel, src: torch.Tensor) -> None:
+        if self.idx is not None:
+            dst.index_copy_(0, sel, src)
+        else:
+            dst[sel] = src
+
+    def hidden(self, hidden: torch.Tensor, sel) -> torch.Tensor:
+        x = self.take(hidden, sel)
+        if self.idx is None:
+            # rows not processed for real still go through the GEMMs: zero them so a NaN or inf
+            # there cannot leak into dW through 0 * NaN
+            x = torch.where(self.mask[sel][:, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
+        return x
+
+
+def _row_pass(x, weight, bias, t, opts, buf):
+    """Steps 1-2: raw logits into ``buf`` and the row statistics."""
+    from ..kernels import rows as row_kernels
+
+    z = torch.mm(x, weight.T, out=buf[: x.shape[0]])
+    m, log_norm, logp, amax = row_kernels.row_stats(z, bias, t, opts)
+    return z, m, log_norm, logp, amax
+
+
+def _add_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` with fp32 ``acc`` and operands of any float dtype (bounded temporaries)."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+        return
+    rows = max(1, DW_FP32_SLAB_BYTES // max(1, b.shape[1] * a.element_size()))
+    for r0 in range(0, acc.shape[0], rows):
+        acc[r0:r0 + rows].add_(torch.mm(a[r0:r0 + rows], b))
+
+
+class TritonChunkedBackend:
+    """Token-chunked cuBLAS GEMMs + Triton row kernels: CUDA tensors, or CPU tensors under
+    ``TRITON_INTERPRET=1``."""
+
+    name = "triton_chunked"
+
+    def unavailable_reason(self, device: torch.device) -> Optional[str]:
+        return triton_common.unavailable_reason(self.name, device)
+
+    # -- per-token primitives ------------------------------------------------------------------
+    def forward(self, hidden, weight, bias, target, valid, opts: LogitOptions):
+        with torch.autocast(hidden.device.type, enabled=False):
+            return self._forward(hidden, weight, bias, target, valid, opts)
+
+    def _forward(self, hidden, weight, bias, target, valid, opts):
+        N = hidden.shape[0]
+        V = weight.shape[0]
+        dev = hidden.device
+        state = torch.zeros(3, N, dtype=torch.float32, device=dev)
+        argmax = torch.zeros(N, dtype=torch.int64, device=dev)
+        sel_rows = _Rows(valid, compact=not sync_free(dev))
+        rows = min(max(sel_rows.count, 1), chunk_rows(V, hidden.dtype))
+        buf = torch.empty(rows, V, dtype=hidden.dtype, device=dev) if sel_rows.count else None
+        for sel, _n in sel_rows.chunks(rows):
+            x = sel_rows.hidden(hidden, sel)
+            t = sel_rows.take(target, sel)
+            _z, m, log_norm, logp, amax = _row_pass(x, weight, bias, t, opts, buf)
+            sel_rows.put(state.T, sel, torch.stack([m, log_norm, logp], dim=1))
+            sel_rows.put(argmax, sel, amax)
+        logp = state[2].clone()
+        return logp, state, argmax
+
+    def backward(self, hidden, weight, bias, target, state, coef, opts: LogitOptions,
+                 needs: Tuple[bool, bool, bool]):
+        with torch.autocast(hidden.device.type, enabled=False):
+            return self._backward(hidden, weight, bias, target, state, coef, opts, needs)
+
+    def _backward(self, hidden, weight, bias, target, state, coef, opts, needs):
+        from ..kernels import rows as row_kernels
+
+        need_dx, need_dw, need_db = needs
+        N, H = hidden.shape
+        V = weight.shape[0]
+        dev, dt = hidden.device, hidden.dtype
+        f32 = torch.float32
+        # NaN coefficients stay active, so NaN reaches the gradients
+        sel_rows = _Rows(coef != 0, compact=not sync_free(dev))
+        n = sel_rows.count
+        dw = torch.zeros(V, H, dtype=weight.dtype, device=dev) if need_dw else None
+        db32 = torch.zeros(V, dtype=f32, device=dev) if need_db else None
+        dx32 = torch.zeros(n, H, dtype=f32, device=dev) if need_dx else None
+        if n:
+            sel = sel_rows.idx if sel_rows.idx is not None else slice(0, N)
+            x = sel_rows.hidden(hidden, sel)
+            t = sel_rows.take(target, sel)
+            m = sel_rows.take(state[0], sel).contiguous()
+            log_norm = sel_rows.take(state[1], sel).contiguous()
+            omp = (-torch.expm1(sel_rows.take(state[2], sel))).contiguous()
+            c = sel_rows.take(coef, sel).float().contiguous()
+            # vocabulary slabs of the whole active set when the budget allows (dW_s written once);
+            # otherwise row chunks too, and dW_s accumulates over them
+            cols = min(V, max(256, chunk_rows(n, dt) // 256 * 256))
+            rows = min(n, chunk_rows(cols, dt))
+            buf = torch.empty(rows, cols, dtype=dt, device=dev)
+            prod = torch.empty(rows, H, dtype=dt, device=dev) if need_dx and dt != f32 else None
+            for v0 in range(0, V, cols):
+                v1 = min(V, v0 + cols)
+                w_s = weight[v0:v1]
+                for r0 in range(0, n, rows):
+                    r1 = min(n, r0 + rows)
+                    z = torch.mm(x[r0:r1], w_s.T, out=buf[: r1 - r0, : v1 - v0])
+                    dz = row_kernels.softmax_grad_(z, bias, t[r0:r1], m[r0:r1], log_norm[r0:r1], omp[r0:r1],
+                                                   c[r0:r1], opts, col0=v0)
+                    if need_dx:
+                        if prod is None:
+                            dx32[r0:r1].addmm_(dz, w_s)
+                        else:
+                            dx32[r0:r1].add_(torch.mm(dz, w_s, out=prod[: r1 - r0]))
+                    if need_dw:
+                        if r0 == 0:
+                            torch.mm(dz.T, x[r0:r1], out=dw[v0:v1])
+                        else:
+                            dw[v0:v1].addmm_(dz.T, x[r0:r1])
+                    if need_db:
+                        db32[v0:v1] += dz.sum(dim=0, dtype=f32)
+        dx = None
+        if need_dx:
+            if sel_rows.idx is None:
+                dx = dx32.to(dt)
+            else:
+                dx = torch.zeros(N, H, dtype=dt, device=dev)
+                dx.index_copy_(0, sel_rows.idx, dx32.to(dt))
+        return dx, dw, None if db32 is None else db32.to(bias.dtype)
+
+    # -- scalar losses: gradients in the forward ----------------------------------------------
+    def forward_with_grad(self, hidden, weight, bias, target, valid, opts: LogitOptions, coef_fn: CoefFn,
+                          needs: Tuple[bool, bool, bool]):
+        """``(total, logp, kept, argmax, dx, dw, db)``: the summed objective, per-token statistics,
+        and the gradients of ``total`` (None where not needed): dx / dw in the input dtype (dw in
+        fp32 when ``DW_ACCUMULATE == "fp32"``), db in fp32."""
+        with torch.autocast(hidden.device.type, enabled=False):
+            return self._forward_with_grad(hidden, weight, bias, target, valid, opts, coef_fn, needs)
+
+    def _forward_with_grad(self, hidden, weight, bias, target, valid, opts, coef_fn, needs):
+        from ..kernels import rows as row_kernels
+
+        need_dx, need_dw, need_db = needs
+        N, H = hidden.shape
+        V = weight.shape[0]
+        dev, dt = hidden.device, hidden.dtype
+        f32 = torch.float32
+        compact = not sync_free(dev)
+        logp_all = torch.zeros(N, dtype=f32, device=dev)
+        kept_all = torch.zeros(N, dtype=torch.bool, device=dev)
+        argmax_all = torch.zeros(N, dtype=torch.int64, device=dev)
+        total = torch.zeros((), dtype=f32, device=dev)
+        # compacted rows never write the ignored ones: those need zeros; sync-free writes every row
+        alloc = torch.zeros if compact else torch.empty
+        dx = alloc(N, H, dtype=dt, device=dev) if need_dx else None
+        dw_fp32 = need_dw and dt != f32 and dw_accumulate() == "fp32"
+        dw = torch.zeros(V, H, dtype=f32 if dw_fp32 else dt, device=dev) if need_dw else None
+        db = torch.zeros(V, dtype=f32, device=dev) if need_db else None
+
+        sel_rows = _Rows(valid, compact=compact)
+        rows = min(max(sel_rows.count, 1), chunk_rows(V, dt))
+        buf = torch.empty(rows, V, dtype=dt, device=dev) if sel_rows.count else None
+        for sel, n in sel_rows.chunks(rows):
+            x = sel_rows.hidden(hidden, sel)
+            t = sel_rows.take(target, sel)
+            v = sel_rows.take(valid, sel)
+            z, m, log_norm, logp, amax = _row_pass(x, weight, bias, t, opts, buf)
+            if not compact:
+                logp = torch.where(v, logp, torch.zeros_like(logp))
+            tot, kept, c = coef_fn(logp, v)
+            sel_rows.put(logp_all, sel, logp)
+            sel_rows.put(kept_all, sel, kept)
+            sel_rows.put(argmax_all, sel, amax)
+            total += tot
+            if not (need_dx or need_dw or need_db):
+                continue
+            c = torch.where(v, c.float(), torch.zeros((), dtype=f32, device=dev)).contiguous()
+            omp = (-torch.expm1(logp)).contiguous()
+            dz = row_kernels.softmax_grad_(z, bias, t, m, log_norm, omp, c, opts)
+            if need_dx:
+                if compact:
+                    dx.index_copy_(0, sel, torch.mm(dz, weight))
+                else:
+                    torch.mm(dz, weight, out=dx[sel])
+            if need_dw:
+                if dw_fp32:
+                    _add_fp32(dw, dz.T, x)
+                else:
+                    dw.addmm_(dz.T, x)
+            if need_db:
+                db += dz.sum(dim=0, dtype=f32)
+        return total, logp_all, kept_all, argmax_all, dx, dw, db

@@ -1,0 +1,198 @@
+"""Row kernels over a materialised logits buffer (the chunked strategy, backends/triton_chunked.py).
+
+A library GEMM writes raw logits ``x @ W_slab^T`` into a ``[M, C]`` buffer in the input dtype
+(fp32 accumulation inside the GEMM); these kernels do everything else on it in one pass each:
+
+- ``row_stats_kernel``: per row, bias / scale / soft-cap applied on the fly in fp32, then the row
+  max ``m``, the sum ``rest`` of ``exp(z - m)`` over every column *but the argmax* (whose own term
+  is exactly 1: keeping it out keeps the digits of a small remainder, which set ``1 - p`` for
+  confident tokens), the first argmax and the target's logit;
+- ``dz_kernel``: overwrites the buffer in place with the logits' gradient
+  ``c_i * (onehot(y_i) - p_ij)``, times the soft-cap's ``1 - tanh^2`` and ``logit_scale``, in the
+  buffer's dtype, from the row statistics (``p_ij = exp(z_ij - m_i - log_norm_i)``) and the
+  per-token ``1 - p`` at the target, which the launcher computes as ``-expm1(logp)``.
+
+Neither uses atomics: every program owns its rows (stats) or its tile (dz).
+"""
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ..options import LogitOptions
+from . import configs
+from .common import transform_logits
+
+
+@triton.jit
+def row_stats_kernel(
+    # pointers
+    z_ptr, b_ptr, tgt_ptr,
+    m_ptr, rest_ptr, amax_ptr, zt_ptr,
+    # sizes
+    M, C,
+    # strides
+    stride_zm,
+    # logit transforms
+    logit_scale, softcap,
+    # meta-parameters
+    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    mmask = offs_m < M
+    tgt = tl.load(tgt_ptr + offs_m, mask=mmask, other=-1)
+    m = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    rest = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    amax = tl.zeros((BLOCK_M,), dtype=tl.int64)
+    zt = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for v0 in range(0, C, BLOCK_V):
+        offs_v = v0 + tl.arange(0, BLOCK_V)
+        vmask = offs_v < C
+        # [BLOCK_M, BLOCK_V]
+        z = tl.load(z_ptr + offs_m[:, None] * stride_zm + offs_v[None, :],
+                    mask=mmask[:, None] & vmask[None, :], other=0.0).to(tl.float32)
+        z, _d = transform_logits(z, offs_v, vmask, b_ptr, logit_scale, softcap, HAS_BIAS, HAS_SCALE, HAS_SOFTCAP)
+        z = tl.where(vmask[None, :], z, float("-inf"))
+        # NaN logits reach the loss through the exp-sum below; max/argmax skip them
+        z_ord = tl.where(z == z, z, float("-inf"))
+        tile_max = tl.max(z_ord, axis=1)
+        tile_arg = tl.argmax(z_ord, axis=1).to(tl.int64)
+        # strict '>' keeps the first index of a tie, as torch.argmax does
+        new_max = tile_max > m
+        m_new = tl.maximum(m, tile_max)
+        e = tl.exp(z - m_new[:, None])
+        is_new_arg = new_max[:, None] & (offs_v[None, :] == (v0 + tile_arg)[:, None])
+        tile_rest = tl.sum(tl.where(is_new_arg, 0.0, e), axis=1)
+        rest = tl.where(new_max, (rest + 1.0) * tl.exp(m - m_new), rest) + tile_rest
+        amax = tl.where(new_max, v0 + tile_arg, amax)
+        m = m_new
+        zt += tl.sum(tl.where(offs_v[None, :] == tgt[:, None], z, 0.0), axis=1)
+    tl.store(m_ptr + offs_m, m, mask=mmask)
+    tl.store(rest_ptr + offs_m, rest, mask=mmask)
+    tl.store(amax_ptr + offs_m, amax, mask=mmask)
+    tl.store(zt_ptr + offs_m, zt, mask=mmask)
+
+
+@triton.jit
+def dz_kernel(
+    # pointers
+    z_ptr, b_ptr, tgt_ptr, m_ptr, log_norm_ptr, omp_ptr, coef_ptr,
+    # sizes
+    M, C, col0,
+    # strides
+    stride_zm,
+    # logit transforms
+    logit_scale, softcap,
+    # meta-parameters
+    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_v = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mmask = offs_m < M
+    # local columns of the buffer; the vocabulary index is col0 + local
+    offs_c = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    cmask = offs_c < C
+    offs_v = col0 + offs_c
+    mask = mmask[:, None] & cmask[None, :]
+    ptrs = z_ptr + offs_m[:, None] * stride_zm + offs_c[None, :]
+    # [BLOCK_M, BLOCK_V]
+    z = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    z, dcap = transform_logits(z, offs_v, cmask, b_ptr, logit_scale, softcap, HAS_BIAS, HAS_SCALE, HAS_SOFTCAP)
+    tgt = tl.load(tgt_ptr + offs_m, mask=mmask, other=-1)
+    m = tl.load(m_ptr + offs_m, mask=mmask, other=0.0)
+    log_norm = tl.load(log_norm_ptr + offs_m, mask=mmask, other=0.0)
+    omp = tl.load(omp_ptr + offs_m, mask=mmask, other=0.0)
+    coef = tl.load(coef_ptr + offs_m, mask=mmask, other=0.0)
+    p = tl.exp((z - m[:, None]) - log_norm[:, None])
+    g = tl.where(offs_v[None, :] == tgt[:, None], omp[:, None], -p) * coef[:, None]
+    if HAS_SOFTCAP:
+        g = g * dcap
+    if HAS_SCALE:
+        g = g * logit_scale
+    # a zero coefficient (ignored or gated-out row) contributes exactly nothing, even where its
+    # logits are not finite; a NaN coefficient stays NaN
+    g = tl.where(coef[:, None] == 0.0, 0.0, g)
+    tl.store(ptrs, g.to(z_ptr.dtype.element_ty), mask=mask)
+
+
+def _bias_arg(bias: Optional[torch.Tensor], z: torch.Tensor) -> torch.Tensor:
+    return bias if bias is not None else z
+
+
+def row_stats(
+    z: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    target: torch.Tensor,
+    opts: LogitOptions,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(m, log_norm, logp, argmax)`` [M] of the raw logits buffer ``z`` [M, V] (unit column stride).
+
+    ``log_norm = log(sum_j exp(z_j - m))`` (``log1p`` of the remainder), ``logp = (z_t - m) -
+    log_norm``; a target outside ``[0, V)`` gives NaN.  Equals, on the transformed fp32 logits
+    ``zz``: ``zz.max(1)``, ``zz.logsumexp(1) - zz.max(1)``, ``zz.log_softmax(1)[y]``, ``zz.argmax(1)``.
+    """
+    M, C = z.shape
+    assert z.stride(1) == 1 and target.shape == (M,) and target.is_contiguous()
+    dev = z.device
+    cfg = configs.rows_config()
+    m = torch.empty(M, dtype=torch.float32, device=dev)
+    rest = torch.empty(M, dtype=torch.float32, device=dev)
+    amax = torch.empty(M, dtype=torch.int64, device=dev)
+    zt = torch.empty(M, dtype=torch.float32, device=dev)
+    if M > 0:
+        row_stats_kernel[(triton.cdiv(M, cfg.block_m),)](
+            z, _bias_arg(bias, z), target,
+            m, rest, amax, zt,
+            M, C,
+            z.stride(0),
+            opts.logit_scale or 1.0, opts.softcap or 1.0,
+            HAS_BIAS=bias is not None, HAS_SCALE=opts.logit_scale is not None,
+            HAS_SOFTCAP=opts.softcap is not None,
+            BLOCK_M=cfg.block_m, BLOCK_V=cfg.block_v,
+            num_warps=cfg.num_warps,
+        )
+    log_norm = torch.log1p(rest)
+    logp = (zt - m) - log_norm
+    in_range = (target >= 0) & (target < C)
+    logp = torch.where(in_range, logp, torch.full_like(logp, float("nan")))
+    return m, log_norm, logp, amax
+
+
+def softmax_grad_(
+    z: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    target: torch.Tensor,
+    m: torch.Tensor,
+    log_norm: torch.Tensor,
+    one_minus_p: torch.Tensor,
+    coef: torch.Tensor,
+    opts: LogitOptions,
+    col0: int = 0,
+) -> torch.Tensor:
+    """Overwrite the raw logits buffer ``z`` [M, C] (vocabulary columns ``col0 .. col0 + C``) with
+    ``d(sum_i coef_i logp_i)/d raw_ij`` in ``z``'s dtype and return it.
+
+    Equals ``coef[:, None] * (onehot(target) - softmax(zz)) * dzz/draw`` with ``zz`` the transformed
+    fp32 logits, using the given row statistics (``one_minus_p`` is used at the target column).
+    ``bias`` is the whole ``[V]`` bias (indexed from ``col0``).
+    """
+    M, C = z.shape
+    assert z.stride(1) == 1
+    cfg = configs.dz_config()
+    if M > 0 and C > 0:
+        dz_kernel[(triton.cdiv(M, cfg.block_m), triton.cdiv(C, cfg.block_v))](
+            z, _bias_arg(bias, z), target, m, log_norm, one_minus_p, coef,
+            M, C, col0,
+            z.stride(0),
+            opts.logit_scale or 1.0, opts.softcap or 1.0,
+            HAS_BIAS=bias is not None, HAS_SCALE=opts.logit_scale is not None,
+            HAS_SOFTCAP=opts.softcap is not None,
+            BLOCK_M=cfg.block_m, BLOCK_V=cfg.block_v,
+            num_warps=cfg.num_warps,
+        )
+    return z
