@@ -1,9 +1,15 @@
-"""Shared test helpers: float64 ground truth, same-dtype PyTorch baseline, error comparison."""
+"""Shared test helpers: float64 ground truth, same-dtype PyTorch baseline, error comparison.
+
+The truth (tests/truth.py) and the same-dtype baseline share no code with the package: the
+baseline evaluates objectives with the truth's own definitions, in float32, so a bug in the
+package's objectives cannot widen the tolerance it is measured with either.
+"""
 from typing import Dict, Optional
 
 import torch
 
 import fused_objectives as fo
+import truth as _truth
 
 
 def make_inputs(N=37, H=19, V=100, dtype=torch.float32, bias=False, lead=None, ignore_frac=0.2,
@@ -60,8 +66,7 @@ def naive_same_dtype(hidden, weight, target, bias=None, *, upstream=None, object
     valid = t != ignore_index
     lp = torch.log_softmax(z, -1).gather(-1, torch.where(valid, t, 0)[..., None])[..., 0]
     lp = torch.where(valid, lp, torch.zeros_like(lp))
-    obj = fo.get_objective(objective)
-    per_tok, kept = obj.per_token(lp.reshape(-1), valid.reshape(-1))
+    per_tok, kept = _truth.per_token(objective, lp.reshape(-1), valid.reshape(-1))
     if reduction == "none":
         loss = per_tok.reshape(t.shape)
     elif reduction == "sum":
@@ -75,11 +80,9 @@ def naive_same_dtype(hidden, weight, target, bias=None, *, upstream=None, object
 
 
 def ground_truth(hidden, weight, target, bias=None, **kw):
-    """float64 reference backend on the same inputs."""
-    d = lambda t: None if t is None else t.detach().double()
-    up = kw.pop("upstream", None)
-    return run(d(hidden), d(weight), target, d(bias), upstream=None if up is None else up.double(),
-               backend="reference", **kw)
+    """The independent float64 truth (tests/truth.py) on the same values: loss, dh, dw, db."""
+    kw.pop("backend", None)
+    return _truth.truth(hidden, weight, target, bias, **kw)
 
 
 def assert_no_worse(fused, baseline, truth, k=2.0, rel_eps=None, what=""):
@@ -99,3 +102,20 @@ def assert_no_worse(fused, baseline, truth, k=2.0, rel_eps=None, what=""):
         bound = k * err_b + eps * max(scale, 1e-30)
         assert err_f <= bound, (f"{what}{key}: fused error {err_f:.3e} > bound {bound:.3e} "
                                 f"(same-dtype torch error {err_b:.3e}, scale {scale:.3e})")
+
+
+def device_for(backend: str) -> torch.device:
+    """Where a backend's test tensors live: CUDA for the Triton backends on a CUDA machine, else the
+    CPU (Triton then runs under its interpreter, set up by conftest.py)."""
+    if isinstance(backend, str) and backend.startswith("triton") and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def to_device(device, *tensors):
+    """The tensors (None stays None) on ``device``."""
+    return tuple(None if t is None else t.to(device) for t in tensors)
+
+
+def to_cpu(result: Dict[str, Optional[torch.Tensor]]) -> Dict[str, Optional[torch.Tensor]]:
+    return {k: None if v is None else v.cpu() for k, v in result.items()}

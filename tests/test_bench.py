@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import fused_objectives as fo
 from fused_objectives import cli
 from fused_objectives.bench import inputs as binputs
 from fused_objectives.bench import report, runner
@@ -181,7 +182,7 @@ def test_ratios_only_for_correct_results():
 def test_gate_catches_a_small_planted_error():
     inp = binputs.make_inputs(64, 16, 100, torch.float32, "cpu", 0.25)
     gt = binputs.ground_truth(inp, "neg_p", None)
-    tol = binputs.tolerance(torch.float32, 0.0)
+    tol = binputs.tolerance(torch.float32, 0.0)  # the old call (no device) still works: CUDA floor
     ok, err, _ = binputs.check(binputs.Result(gt.loss.float(), gt.dx.float(), gt.dw.float()), gt, tol)
     assert ok and err < 1e-6
     bad_dw = gt.dw.clone()
@@ -189,6 +190,100 @@ def test_gate_catches_a_small_planted_error():
     assert not binputs.check(binputs.Result(gt.loss, gt.dx, bad_dw), gt, tol)[0]
     assert not binputs.check(binputs.Result(gt.loss * float("nan"), gt.dx, gt.dw), gt, tol)[0]
     assert not binputs.check(binputs.Result(gt.loss, None, gt.dw), gt, tol)[0]
+
+
+GATE_CASES = {"plain": dict(), "bias": dict(bias=True), "scale+softcap": dict(logit_scale=0.7, softcap=6.0)}
+
+
+def _gate_inputs(case):
+    inp = binputs.make_inputs(600, 16, 100, torch.float32, "cpu", 0.25)
+    g = torch.Generator().manual_seed(3)
+    bias = torch.randn(100, generator=g) * 0.5 if GATE_CASES[case].get("bias") else None
+    return inp, bias, GATE_CASES[case].get("logit_scale"), GATE_CASES[case].get("softcap")
+
+
+@pytest.mark.parametrize("case", list(GATE_CASES))
+def test_gate_truth_covers_every_token_and_matches_the_test_truth(case):
+    """The gate's chunked float64 truth (many chunks here) equals the tests' independent truth."""
+    from truth import truth
+
+    inp, bias, scale, cap = _gate_inputs(case)
+    gt = binputs.ground_truth(inp, "neg_p", cap, bias=bias, logit_scale=scale, chunk_bytes=8 * 100 * 6 * 37)
+    want = truth(inp.hidden, inp.weight, inp.target, bias, objective="neg_p", softcap=cap, logit_scale=scale)
+    for got, ref in ((gt.loss, want["loss"]), (gt.dx, want["dh"]), (gt.dw, want["dw"]), (gt.db, want["db"])):
+        if ref is None:
+            assert got is None
+        else:
+            torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-13)
+
+
+def _fused(inp, bias, scale, cap, target=None, denom=None):
+    """The fused CPU backend's loss and gradients on every token of ``inp`` (many chunks: a tiny
+    budget), optionally with another target (dropped tokens) and the sum divided by ``denom``."""
+    h = inp.hidden.detach().clone().requires_grad_()
+    w = inp.weight.detach().clone().requires_grad_()
+    b = None if bias is None else bias.clone().requires_grad_()
+    t = inp.target if target is None else target
+    kw = dict(objective="neg_p", softcap=cap, logit_scale=scale, backend="cpu")
+    if denom is None:
+        loss = fo.linear_objective_loss(h, w, t, b, **kw)
+    else:
+        loss = fo.linear_objective_loss(h, w, t, b, reduction="sum", **kw) / denom
+    loss.backward()
+    return binputs.Result(loss.detach(), h.grad, w.grad, None if b is None else b.grad)
+
+
+@pytest.mark.parametrize("case", list(GATE_CASES))
+def test_gate_rejects_planted_bugs(case, monkeypatch):
+    """A correct fused run passes the CPU fp32 gate; each planted kind of bug is rejected, also at
+    the looser CUDA (TF32) tolerance where the bug is small enough to hide in a normwise error."""
+    from fused_objectives.backends import cpu as cpu_backend
+
+    monkeypatch.setattr(cpu_backend.BACKEND, "budget_bytes", 64 * 100 * 4)  # 64-token chunks
+    inp, bias, scale, cap = _gate_inputs(case)
+    gt = binputs.ground_truth(inp, "neg_p", cap, bias=bias, logit_scale=scale)
+    tol_cpu = binputs.tolerance(torch.float32, 0.0, "cpu")
+    tol_gpu = binputs.tolerance(torch.float32, 0.0, "cuda")
+    assert tol_cpu <= 2e-5 < tol_gpu
+    good = _fused(inp, bias, scale, cap)
+    ok, worst, errs = binputs.check(good, gt, tol_cpu)
+    assert ok, errs
+    assert worst < 2e-6, errs  # fp32 on CPU: observed ~1e-7..1e-6
+    if bias is not None:
+        assert "db" in errs
+
+    valid = (inp.target != binputs.IGNORE_INDEX).nonzero().squeeze(1)
+    n_valid = valid.numel()
+    last = valid[-40:]  # the last chunk's tokens
+    bugs = {}
+    bugs["scaled loss"] = (binputs.Result(good.loss * (1 + 1e-4), good.dx, good.dw, good.db), tol_cpu)
+    # the loss of the last chunk only (`total = tot`), gradients right
+    t_last = torch.full_like(inp.target, binputs.IGNORE_INDEX)
+    t_last[last] = inp.target[last]
+    only_last = _fused(inp, bias, scale, cap, target=t_last, denom=n_valid)
+    bugs["loss of the last chunk only"] = (binputs.Result(only_last.loss, good.dx, good.dw, good.db), tol_gpu)
+    # the last chunk's tokens dropped altogether (loss, dX rows, dW contributions)
+    t_drop = inp.target.clone()
+    t_drop[last] = binputs.IGNORE_INDEX
+    bugs["last chunk dropped"] = (_fused(inp, bias, scale, cap, target=t_drop, denom=n_valid), tol_gpu)
+    # one token dropped
+    t_one = inp.target.clone()
+    t_one[valid[-1]] = binputs.IGNORE_INDEX
+    bugs["last token dropped"] = (_fused(inp, bias, scale, cap, target=t_one, denom=n_valid), tol_gpu)
+    # a gradient 1% wrong on one 8-token chunk: a normwise dX error below the CUDA tolerance
+    dx = good.dx.clone()
+    dx[valid[200:208]] *= 1.01
+    rel = float((dx.double() - gt.dx).norm() / gt.dx.norm())
+    assert rel < tol_gpu  # a normwise-only gate would pass it
+    bugs["dX of one chunk 1% off"] = (binputs.Result(good.loss, dx, good.dw, good.db), tol_gpu)
+    dw = good.dw.clone()
+    dw[17] *= 1.01
+    bugs["one dW row 1% off"] = (binputs.Result(good.loss, good.dx, dw, good.db), tol_gpu)
+    if bias is not None:
+        bugs["db missing"] = (binputs.Result(good.loss, good.dx, good.dw, None), tol_gpu)
+    for name, (res, tol) in bugs.items():
+        ok, worst, errs = binputs.check(res, gt, tol)
+        assert not ok, f"the gate accepted a planted bug ({name}): {errs}"
 
 
 def test_summary_goals(every_provider):
