@@ -25,10 +25,10 @@ from fused_objectives.bench import roofline as rl  # noqa: E402
 from fused_objectives.bench.presets import PRESETS  # noqa: E402
 
 
-def prediction_table(gpus, presets, tokens, dtype, fractions, micro=None, **kw) -> str:
+def prediction_table(hardware, presets, tokens, dtype, fractions, micro=None, **kw) -> str:
     rows = [("gpu", "preset", "N", "ign", "strategy", "pred ms", "x gemm", "TFLOP/s", "bound by")]
-    for g in gpus:
-        hw = rl.HARDWARE[g] if micro is None else rl.HARDWARE[g].measured(micro)
+    for hw in hardware:
+        hw = hw if micro is None else hw.measured(micro)
         for name in presets:
             p = PRESETS[name]
             for n in tokens or [8192]:
@@ -45,8 +45,8 @@ def prediction_table(gpus, presets, tokens, dtype, fractions, micro=None, **kw) 
     out += ("\nPREDICTIONS (roofline model), not measurements. x gemm = predicted time / predicted bare "
             "GEMMs (all N tokens); TFLOP/s on 6*N_valid*H*V; 'bound by' = the largest part.\n"
             + ("* = measured rates from --measured.\n" if micro is not None else
-               f"Rates: spec sheet x {rl.Hardware.gemm_efficiency:.0%} for GEMMs, x {rl.Hardware.fused_efficiency:.0%} "
-               f"for Triton tile kernels, x {rl.Hardware.bandwidth_efficiency:.0%} of HBM bandwidth.\n"))
+               f"Rates: spec sheet x {rl.Hardware.gemm_efficiency:.0%} for GEMMs (Triton tile kernels: "
+               f"{rl.Hardware.fused_vs_gemm:.0%} of that), x {rl.Hardware.bandwidth_efficiency:.0%} of HBM bandwidth.\n"))
     return out
 
 
@@ -76,7 +76,8 @@ def _format(rows) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--gpu", nargs="+", choices=list(rl.HARDWARE), default=["a100", "h100", "h200"])
+    p.add_argument("--gpu", nargs="+", choices=list(rl.HARDWARE) + ["auto"], default=["a100", "h100", "h200"],
+                   help="spec-sheet entries; auto: the GPU named in --measured")
     p.add_argument("--preset", nargs="+", choices=list(PRESETS), default=["llama3-8b"])
     p.add_argument("--tokens", nargs="+", type=int, default=[8192])
     p.add_argument("--dtype", choices=list(rl.DTYPE_BYTES), default="bf16")
@@ -95,7 +96,16 @@ def main(argv=None) -> int:
         if not 0.0 <= f < 1.0:
             p.error(f"--ignored-fraction must be in [0, 1), got {f}")
     micro = json.loads(Path(args.measured).read_text()) if args.measured else None
-    print(prediction_table(args.gpu, args.preset, args.tokens, args.dtype, args.ignored_fraction, micro,
+    if "auto" in args.gpu:
+        if not micro or not micro.get("gpu"):
+            p.error("--gpu auto needs --measured JSON naming a GPU (benchmarks/gpu_micro.py on a GPU)")
+        try:
+            hardware = [rl.hardware_for(micro["gpu"])]
+        except ValueError as exc:
+            p.error(str(exc))
+    else:
+        hardware = [rl.HARDWARE[g] for g in args.gpu]
+    print(prediction_table(hardware, args.preset, args.tokens, args.dtype, args.ignored_fraction, micro,
                            chunk_rows=args.chunk_rows, dw_accum=args.dw_accum, tf32=args.tf32))
     return 0
 

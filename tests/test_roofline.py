@@ -12,7 +12,7 @@ N, H, V = 8192, 4096, 128256  # the llama3-8b head of the bench
 def exact():
     """Round figures at 100% efficiency: predictions equal FLOPs / peak or bytes / bandwidth exactly."""
     return rl.Hardware("test", {"bf16": 1000.0, "fp16": 1000.0, "tf32": 500.0, "fp32": 50.0}, 4000.0, 50.0,
-                       gemm_efficiency=1.0, fused_efficiency=1.0, bandwidth_efficiency=1.0)
+                       gemm_efficiency=1.0, fused_vs_gemm=1.0, bandwidth_efficiency=1.0)
 
 
 def test_useful_flops_of_llama3_8b_head():
