@@ -82,9 +82,9 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", nargs="+", type=int, default=[8192])
     p.add_argument("--dtype", choices=list(rl.DTYPE_BYTES), default="bf16")
     p.add_argument("--ignored-fraction", nargs="+", type=float, default=[0.0, 0.5])
-    p.add_argument("--chunk-rows", type=int, default=1024, help="triton_chunked rows per chunk")
-    p.add_argument("--dw-accum", choices=list(rl.DTYPE_BYTES), default="fp32",
-                   help="triton_chunked dW accumulation dtype")
+    p.add_argument("--chunk-rows", type=int, help="triton_chunked rows per chunk (default: the shipped budget's)")
+    p.add_argument("--dw-accum", choices=list(rl.DTYPE_BYTES),
+                   help="triton_chunked dW accumulation dtype (default: the input dtype, as shipped)")
     p.add_argument("--tf32", action="store_true", help="fp32 GEMMs on TF32 tensor cores")
     p.add_argument("--measured", metavar="JSON", help="measured rates (benchmarks/gpu_micro.py output)")
     p.add_argument("--bench", metavar="JSON", help="a bench --json file: measured vs predicted per GPU row")

@@ -50,6 +50,13 @@ def test_chunked_counts_chunks_epilogue_and_dw_traffic():
     assert p.flops == 6 * n * h * v
 
 
+def test_chunked_defaults_follow_the_shipped_strategy():
+    # 192 MiB budget / (128256 x 2 B) = 784 rows -> 768 (multiple of 64); dW in place in bf16
+    assert rl.default_chunk_rows(V, "bf16") == 768
+    p = rl.predict("triton_chunked", N, H, V, "bf16", 1.0, exact())
+    assert "chunks of 768" in p.notes and "dW accumulated in bf16" in p.notes and "dw_cast" not in p.parts_ms
+
+
 def test_chunked_compacts_ignored_rows():
     full = rl.predict("triton_chunked", N, H, V, "bf16", 1.0, exact(), chunk_rows=1024)
     half = rl.predict("triton_chunked", N, H, V, "bf16", 0.5, exact(), chunk_rows=1024)
@@ -100,9 +107,12 @@ def test_record_mapping_and_gpu_only():
     assert rl.predict_record({**rec, "device": "cpu"}, machine) is None
     assert rl.predict_record({**rec, "pass": "fwd"}, machine) is None
     assert rl.predict_record(rec, {"gpu": "Tesla T4"}) is None
+    # the chooser takes the chunked strategy for the bench's scalar (mean) loss
     chooser = rl.predict_record({**rec, "provider": "fused", "backend": "triton"}, machine)
-    assert chooser == min(rl.predict(s, N, H, V, "bf16", 0.5, rl.HARDWARE["h200"]).time_ms
-                          for s in ("triton_chunked", "triton_fused"))
+    assert chooser == rl.predict("triton_chunked", N, H, V, "bf16", 0.5, rl.HARDWARE["h200"]).time_ms
+    per_token = rl.predict_strategy("triton", N, H, V, "bf16", 0.5, rl.HARDWARE["h200"], per_token=True)
+    assert per_token.time_ms == min(rl.predict(s, N, H, V, "bf16", 0.5, rl.HARDWARE["h200"]).time_ms
+                                    for s in ("triton_chunked", "triton_fused"))
     assert rl.strategy_of({"provider": "fused", "backend": "cpu"}) is None
     assert rl.strategy_of({"provider": "liger"}) == "liger"
 
@@ -113,8 +123,9 @@ def test_bench_table_prints_the_prediction_beside_gpu_rows():
                tolerance=None, speedup_vs_reference=None, matmul_ratio=1.0, tflops=700.0, peak_mem_mb=None,
                extra_mem_mb=None, time_ms=36.0, repeats=3, device="cuda", valid_tokens=N, **{"pass": "fwd_bwd"})
     want = rl.predict("bare_gemm", N, H, V, "bf16", 1.0, rl.HARDWARE["h100"]).time_ms
-    assert f"roofline {want:.1f} ms" in report.table([rec], {"gpu": "NVIDIA H100 80GB HBM3"})
-    assert "roofline" not in report.table([{**rec, "device": "cpu"}], {"cpu": "x"})
+    gpu = report.table([rec], {"gpu": "NVIDIA H100 80GB HBM3"})
+    assert "roofline" in gpu and f"{want:.1f}" in gpu
+    assert f"{want:.1f}" not in report.table([{**rec, "device": "cpu"}], {"cpu": "x"})
 
 
 def test_bad_arguments_name_the_argument():

@@ -157,12 +157,34 @@ def _chunked(n_rows: int, h: int, v: int, e: int, hw: Hardware, rate: float, bw:
     return parts, flops, nbytes
 
 
+# The chunked strategy's buffer budget (kernels/configs.py CHUNK_BUDGET_BYTES, read when importable).
+CHUNK_BUDGET_BYTES = 192 * 1024 * 1024
+
+
+def default_chunk_rows(v: int, dtype: str) -> int:
+    """Rows per chunk of the shipped chunked strategy: the ``[rows, V]`` buffer within its budget,
+    rounded down to a multiple of 64 (768 at V = 128256 in bf16)."""
+    try:
+        from ..kernels import configs
+        budget = configs.CHUNK_BUDGET_BYTES
+    except (ImportError, AttributeError):
+        budget = CHUNK_BUDGET_BYTES
+    rows = max(1, budget // (v * DTYPE_BYTES[dtype]))
+    return rows // 64 * 64 if rows >= 64 else rows
+
+
 def predict(strategy: str, n: int, h: int, v: int, dtype: str = "bf16", valid_fraction: float = 1.0,
-            hw: Optional[Hardware] = None, *, tf32: bool = False, chunk_rows: int = 1024,
-            dw_accum: str = "fp32", block_n: int = 128, block_v: int = 128,
+            hw: Optional[Hardware] = None, *, tf32: bool = False, chunk_rows: Optional[int] = None,
+            dw_accum: Optional[str] = None, block_n: int = 128, block_v: int = 128,
             eager_passes: int = 8) -> Prediction:
     """Predicted forward+backward time of ``strategy`` at ``N=n`` tokens (``valid_fraction`` of them
-    not ignored), hidden ``h``, vocabulary ``v``, input ``dtype`` (bf16 | fp16 | fp32)."""
+    not ignored), hidden ``h``, vocabulary ``v``, input ``dtype`` (bf16 | fp16 | fp32).
+
+    ``chunk_rows`` (chunked: default the shipped budget's, ``default_chunk_rows``) and ``dw_accum``
+    (chunked dW accumulation dtype: default the input dtype, as shipped; ``"fp32"`` for a buffer)."""
+    if dtype in DTYPE_BYTES:
+        chunk_rows = default_chunk_rows(v, dtype) if chunk_rows is None else chunk_rows
+        dw_accum = dtype if dw_accum is None else dw_accum
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     if dtype not in DTYPE_BYTES:
@@ -251,8 +273,12 @@ def strategy_of(record: dict) -> Optional[str]:
 
 
 def predict_strategy(strategy: str, n: int, h: int, v: int, dtype: str = "bf16", valid_fraction: float = 1.0,
-                     hw: Optional[Hardware] = None, **kw) -> Prediction:
-    """``predict``, plus ``"triton"``: the faster of the two Triton strategies, as the chooser picks."""
+                     hw: Optional[Hardware] = None, per_token: bool = False, **kw) -> Prediction:
+    """``predict``, plus ``"triton"``, the chooser (backends/triton.py): chunked for scalar losses
+    (the bench's mean), and for per-token gradients the faster of the two by this model."""
+    if strategy == "triton" and not per_token:
+        best = predict("triton_chunked", n, h, v, dtype, valid_fraction, hw, **kw)
+        return replace(best, notes=f"chooser -> triton_chunked (scalar loss): {best.notes}")
     if strategy == "triton":
         best = min((predict(s, n, h, v, dtype, valid_fraction, hw, **kw) for s in ("triton_chunked", "triton_fused")),
                    key=lambda p: p.time_ms)
