@@ -5,7 +5,7 @@ import argparse
 import shlex
 import sys
 import time
-from typing import List, Optional
+from typing import Optional
 
 HELP = "benchmark this engine against every alternative, checked against float64"
 
@@ -99,7 +99,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="stop a provider's timed steps once they took S seconds, after at least one "
                         "(default: 5 on CPU, none on CUDA); records carry the repeats done")
     h.add_argument("--check-tokens", type=_positive_int("--check-tokens"), metavar="N",
-                   help="tokens of the float64 correctness check (default: all, or a slice for huge shapes)")
+                   help="check only the first N tokens against float64 (default: every token)")
     h.add_argument("--in-process", action="store_true",
                    help="on CPU, run providers in this process (faster; peak RSS then less isolated)")
     h.add_argument("--seed", type=int, default=0)
@@ -108,7 +108,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     o.add_argument("--csv", metavar="PATH", help="write CSV (machine as '# key: value' lines first)")
     o.add_argument("--plot", metavar="PATH", help="write a PNG: time and memory against tokens per provider")
     o.add_argument("--note", default="", help="free text stored in the machine header (e.g. 'shared CPU')")
-    o.add_argument("--quiet", action="store_true", help="no progress lines")
+    o.add_argument("--wide", action="store_true",
+                   help="one row per (configuration, provider) with every pass, TFLOP/s and peak memory "
+                        "(wider than 100 columns)")
+    o.add_argument("--quiet", "--no-progress", dest="quiet", action="store_true",
+                   help="no progress lines (also silences the one-line notice of a first C++ build)")
 
 
 def build_plan(args: argparse.Namespace, parser: argparse.ArgumentParser):
@@ -163,32 +167,51 @@ def build_plan(args: argparse.Namespace, parser: argparse.ArgumentParser):
 
 
 class _Progress:
-    """A progress bar on a terminal (tqdm), one line per measurement otherwise; both on stderr."""
+    """One line per provider run on stderr, with the time spent and an estimate of the time left
+    (from the runs so far; providers skipped once are assumed skipped in later configurations)."""
 
-    def __init__(self, total: int, quiet: bool):
-        self.quiet, self.done, self.total, self.bar = quiet, 0, total, None
+    def __init__(self, plan, quiet: bool):
+        self.quiet, self.done, self.total = quiet, 0, plan.units()
+        self.providers = list(plan.providers)
         self.t0 = time.monotonic()
-        if not quiet and sys.stderr.isatty():
-            try:
-                from tqdm import tqdm
-                self.bar = tqdm(total=total, file=sys.stderr, unit="run", leave=False)
-            except ImportError:
-                pass
+        self.measured, self.measured_s, self.skipped = 0, 0.0, set()
+        self.last = self.t0
+
+    def _eta(self) -> str:
+        if not self.measured:
+            return ""
+        left_units = self.total - self.done
+        per_config = len(self.providers)
+        pos = self.done % per_config
+        rest_here = [p for p in self.providers[pos:] if p not in self.skipped] if pos else []
+        later = (left_units - (per_config - pos if pos else 0)) // per_config
+        runs = len(rest_here) + later * sum(p not in self.skipped for p in self.providers)
+        left = runs * self.measured_s / self.measured
+        return f", ~{left:.0f}s left" if runs else ""
+
+    def note(self, line: str):
+        if not self.quiet:
+            print(f"[{self.done}/{self.total} {time.monotonic() - self.t0:4.0f}s] {line}", file=sys.stderr, flush=True)
 
     def __call__(self, line: str):
+        now = time.monotonic()
+        name = line.split(": ", 1)[0].rsplit(" ", 1)[-1]
         self.done += 1
-        if self.quiet:
-            return
-        msg = f"[{self.done}/{self.total} {time.monotonic() - self.t0:5.0f}s] {line}"
-        if self.bar is not None:
-            self.bar.write(msg, file=sys.stderr)
-            self.bar.update(1)
+        if ": skipped (" in line:
+            first = name not in self.skipped
+            self.skipped.add(name)
+            if not first:
+                self.last = now
+                return
         else:
-            print(msg, file=sys.stderr, flush=True)
+            self.measured += 1
+            self.measured_s += now - self.last
+        self.last = now
+        if not self.quiet:
+            print(f"[{self.done}/{self.total} {now - self.t0:4.0f}s{self._eta()}] {line}", file=sys.stderr, flush=True)
 
     def close(self):
-        if self.bar is not None:
-            self.bar.close()
+        pass
 
 
 def run(args: argparse.Namespace, parser: Optional[argparse.ArgumentParser] = None) -> int:
@@ -202,13 +225,14 @@ def run(args: argparse.Namespace, parser: Optional[argparse.ArgumentParser] = No
         print(f"fused-objectives bench: {plan.units()} measurements on {plan.device} "
               f"({machine.get('gpu') or machine.get('cpu')}), dtype {plan.dtype}, "
               f"{plan.repeats} repeats after {plan.warmup} warm-up", file=sys.stderr, flush=True)
-    progress = _Progress(plan.units(), args.quiet)
+    if args.quiet:
+        from ..cli import silence_progress
+
+        silence_progress()  # also read by the worker processes and the C++ build notice
+    progress = _Progress(plan, args.quiet)
     checkpoint = (lambda recs: report.write_json(args.json, machine, recs)) if args.json else None
-    try:
-        records = runner.run(plan, progress, checkpoint)
-    finally:
-        progress.close()
-    print(report.table(records, machine))
+    records = runner.run(plan, progress, checkpoint, note=progress.note)
+    print(report.table(records, machine, wide=args.wide))
     written = []
     if args.json:
         report.write_json(args.json, machine, records)

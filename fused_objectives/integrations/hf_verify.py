@@ -333,7 +333,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     """``python -m fused_objectives.integrations.hf_verify``: the family table for the installed
     transformers; 1 when a family FAILED."""
     import argparse
-    import sys
     import time
 
     parser = argparse.ArgumentParser(
