@@ -7,9 +7,10 @@ Matrix: backend (conftest.FUSED_BACKENDS) x call path x logit case x chunking.
 - logit cases: a bias; bias + logit scale + shift; bias + soft-cap with tokens kept by a gate; a
   gate that keeps some tokens and drops others (normalised over kept tokens);
 - chunking: the default, and settings that force merges (CPU: tiny byte budgets, so many token and
-  vocabulary tiles; Triton: one vocabulary split, so the forward merges every tile in its loop,
-  where the default under the interpreter's small blocks is one split per tile merged by the
-  launcher).
+  vocabulary tiles; Triton: one vocabulary split, so the fused forward merges every tile in its
+  loop, where the default under the interpreter's small blocks is one split per tile merged by the
+  launcher; 8-token chunks for the chunked strategy, whose row kernel already walks 2 vocabulary
+  blocks under the interpreter).
 Each case checks the loss and every gradient: no worse than same-dtype PyTorch (itself independent
 of the package) plus 4 fp32 eps of the largest entry.
 """
@@ -46,9 +47,12 @@ def chunking(request, fused_backend, monkeypatch):
             monkeypatch.setattr(cpu_backend.BACKEND, "budget_bytes", 2 * KB)
             monkeypatch.setattr(cpu_backend.BACKEND, "tile_bytes", 256)
         elif fused_backend.startswith("triton"):
-            # one vocabulary split: the forward merges its online state over every tile in the loop
-            # (the default under the interpreter's small blocks is one split per tile, merged by the launcher)
-            monkeypatch.setattr(configs, "TARGET_PROGRAMS", 1)
+            # fused tiles: one vocabulary split, so the forward merges its online state over every
+            # tile in its loop (the default under the interpreter's small blocks is one split per
+            # tile, merged by the launcher); chunked: 8-token chunks (a 3,200-byte buffer at V = 100)
+            for knob, value in (("TARGET_PROGRAMS", 1), ("CHUNK_BUDGET_BYTES", 8 * 100 * 4)):
+                if hasattr(configs, knob):
+                    monkeypatch.setattr(configs, knob, value)
     return request.param
 
 
