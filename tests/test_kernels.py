@@ -1,4 +1,5 @@
-"""Properties of the fused kernels beyond their numbers: no [N, V] tensor, skipped work, launch paths."""
+"""Properties of the Triton kernels beyond their numbers: no [N, V] tensor, skipped work, launch paths,
+configs that fit the GPUs' shared memory, the TF32 switch."""
 import os
 import subprocess
 import sys
@@ -32,15 +33,20 @@ class LargestAllocation(TorchDispatchMode):
 
 
 # The dispatch mode sees the Triton launchers' allocations; the CPU backend's C++ operators and
-# budgeted chunk buffers are checked with the profiler in test_cpu_backend.py.
+# budgeted chunk buffers are checked with the profiler in test_cpu_backend.py.  The chunked
+# strategies hold one budgeted [rows, V] buffer: a budget of 8 rows keeps it far below N * V.
+@pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("objective", ["nll", "nll_top:0.3"])
-@pytest.mark.parametrize("fused_backend", ["triton"])
-def test_no_tokens_by_vocab_tensor(fused_backend, objective):
+@pytest.mark.parametrize("fused_backend", ["triton_fused", "triton_chunked", "triton"])
+def test_no_tokens_by_vocab_tensor(monkeypatch, fused_backend, objective, reduction):
     N, H, V = 64, 8, 400  # N*V = 25600 dwarfs N*H = 512, V*H = 3200 and the split buffers
+    monkeypatch.setattr(configs, "CHUNK_BUDGET_BYTES", 8 * V * 4)
     h, w, t, b = make_inputs(N=N, H=H, V=V, bias=True, peaked=3.0)
     h, w, b = h.requires_grad_(), w.requires_grad_(), b.requires_grad_()
+    up = torch.randn(N) if reduction == "none" else 1.0
     with LargestAllocation() as fused:
-        fo.linear_objective_loss(h, w, t, b, objective=objective, backend=fused_backend).backward()
+        (fo.linear_objective_loss(h, w, t, b, objective=objective, reduction=reduction,
+                                  backend=fused_backend) * up).sum().backward()
     # (under the interpreter, argument storages are copied too: the weight's is 12,800 bytes)
     assert fused.largest < N * V * 4 // 4, f"fused path allocated a tensor of {fused.largest} bytes"
     with LargestAllocation() as ref:
@@ -49,7 +55,7 @@ def test_no_tokens_by_vocab_tensor(fused_backend, objective):
 
 
 def _check_triton(h, w, t, b=None, **kw):
-    fused = run(h, w, t, b, backend="triton", **kw)
+    fused = run(h, w, t, b, backend="triton_fused", **kw)
     assert_no_worse(fused, naive_same_dtype(h, w, t, b, **kw), ground_truth(h, w, t, b, **kw))
 
 
@@ -63,7 +69,7 @@ def test_vocabulary_split_paths(monkeypatch, target_programs):
     w2[149] = w2[0] = 3 * h[0] / h[0].norm()
     t2 = t.clone()
     t2[0] = 0
-    _, stats = fo.linear_objective_loss(h, w2, t2, backend="triton", return_stats=True)
+    _, stats = fo.linear_objective_loss(h, w2, t2, backend="triton_fused", return_stats=True)
     _, ref = fo.linear_objective_loss(h, w2, t2, backend="reference", return_stats=True)
     assert stats.accuracy.item() == ref.accuracy.item()
 
@@ -99,7 +105,7 @@ def test_ignored_and_gated_tokens_cost_no_dots(monkeypatch):
                           ("all-gated-out", t, "nll_top:1.0")]:
         ww = w.clone().requires_grad_()
         calls.clear()
-        fo.linear_objective_loss(h, ww, tt, objective=obj, backend="triton").backward()
+        fo.linear_objective_loss(h, ww, tt, objective=obj, backend="triton_fused").backward()
         counts[name] = len(calls)
     # 16-token blocks: half the tokens -> half the blocks; a gate keeping nothing -> no backward dots
     tiles = (V // 32) * (N // 16)  # one H block per tile
@@ -116,7 +122,7 @@ def test_frozen_weight_skips_dw_dots(monkeypatch):
     for name, need_h, need_w in [("both", True, True), ("frozen-weight", True, False), ("frozen-hidden", False, True)]:
         hh, ww = h.clone().requires_grad_(need_h), w.clone().requires_grad_(need_w)
         calls.clear()
-        fo.linear_objective_loss(hh, ww, t, backend="triton").backward()
+        fo.linear_objective_loss(hh, ww, t, backend="triton_fused").backward()
         counts[name] = len(calls)
     tiles = (32 // 16) * (64 // 32)
     assert counts["both"] == tiles * 4  # forward logits, backward recompute, dX, dW
@@ -145,3 +151,19 @@ def test_import_is_light():
     out = _python(code, {})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_tf32_switch_reads_the_new_api_first(monkeypatch):
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("torch without the fp32_precision API")
+    old = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "tf32"  # after this, torch 2.13 raises on reading allow_tf32
+        assert configs.dot_precision(torch.float32) == "tf32"
+        matmul.fp32_precision = "ieee"
+        assert configs.dot_precision(torch.float32) == "ieee"
+        assert configs.dot_precision(torch.bfloat16) == "tf32"
+    finally:
+        matmul.fp32_precision = old
+

@@ -67,6 +67,8 @@ SYNC_FREE: Optional[bool] = None
 DW_ACCUMULATE: Optional[str] = None
 #: Largest temporary of the fp32 dW mode's slab products (bytes).
 DW_FP32_SLAB_BYTES = 64 * 1024 * 1024
+#: Narrowest vocabulary slab of the per-token backward (below it, token rows are chunked instead).
+MIN_SLAB_COLS = 256
 
 CoefFn = Callable[[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
@@ -208,7 +210,7 @@ class TritonChunkedBackend:
             c = sel_rows.take(coef, sel).float().contiguous()
             # vocabulary slabs of the whole active set when the budget allows (dW_s written once);
             # otherwise row chunks too, and dW_s accumulates over them
-            cols = min(V, max(256, chunk_rows(n, dt) // 256 * 256))
+            cols = min(V, max(MIN_SLAB_COLS, chunk_rows(n, dt) // MIN_SLAB_COLS * MIN_SLAB_COLS))
             rows = min(n, chunk_rows(cols, dt))
             buf = torch.empty(rows, cols, dtype=dt, device=dev)
             prod = torch.empty(rows, H, dtype=dt, device=dev) if need_dx and dt != f32 else None

@@ -2,9 +2,12 @@
 
 No GPU has measured these yet.  The fused tile kernels' configs were checked by compiling ahead of
 time for sm_80 and sm_90a (``compiled.metadata.shared`` against the opt-in limits 166,912 B and
-232,448 B; see /work/coord/cuda_kernels.md and benchmarks/kernel_report.py): half-precision tiles
-are 128x128x64; fp32 (IEEE or TF32 dots) holds twice the bytes per element, so its H block is
-halved to 32 to fit.  Under ``TRITON_INTERPRET=1`` (CPU tests) small tiles keep the interpreter fast
+232,448 B; benchmarks/kernel_report.py does it for every kernel): half-precision tiles are
+128x128x64 (forward 98,304 B on sm_90 / 65,536 B on sm_80; backward 163,840 / 131,072 B); fp32
+(IEEE or TF32 dots) holds twice the bytes per element, so its H block is halved to 32, and the
+backward keeps 2 pipeline stages (TF32 backward with 3 stages needed 196,608 B on sm_80; with 2:
+163,840 B on sm_80, 147,456 B on sm_90).  Triton 3.9's compiler on CPU; registers and spills are
+in the kernel report.  Under ``TRITON_INTERPRET=1`` (CPU tests) small tiles keep the interpreter fast
 while still exercising masking (V and H not multiples of the block).
 """
 from __future__ import annotations
@@ -39,7 +42,7 @@ def interpreting() -> bool:
 FORWARD_DEFAULT = KernelConfig(block_n=128, block_v=128, block_h=64, num_warps=8, num_stages=3)   # bf16 / fp16
 BACKWARD_DEFAULT = KernelConfig(block_n=128, block_v=128, block_h=64, num_warps=8, num_stages=3)  # bf16 / fp16
 FORWARD_FP32 = KernelConfig(block_n=128, block_v=128, block_h=32, num_warps=8, num_stages=3)
-BACKWARD_FP32 = KernelConfig(block_n=128, block_v=128, block_h=32, num_warps=8, num_stages=3)
+BACKWARD_FP32 = KernelConfig(block_n=128, block_v=128, block_h=32, num_warps=8, num_stages=2)
 INTERPRET = KernelConfig(block_n=16, block_v=32, block_h=16, num_warps=1, num_stages=1)
 
 # Row kernels: one logits row (or a few under the interpreter) per program, streaming the vocabulary.

@@ -1,0 +1,366 @@
+"""The CUDA strategies under the Triton interpreter: ``triton_chunked`` (gradients in the forward,
+atomic-free slab backward, sync-free mode, budgeted chunks), ``triton_fused`` and the ``triton``
+dispatcher, each against a float64 truth written here from the definitions (no package code)."""
+import math
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import triton
+import triton.language as tl
+
+import fused_objectives as fo
+from fused_objectives.backends import triton as triton_dispatch
+from fused_objectives.backends import triton_chunked
+from fused_objectives.kernels import configs
+from fused_objectives.kernels.common import tanh_sech2
+from helpers import make_inputs, naive_same_dtype
+
+pytestmark = pytest.mark.skipif(not (configs.interpreting() or torch.cuda.is_available()),
+                                reason="needs TRITON_INTERPRET=1 or CUDA")
+
+# ---------------------------------------------------------------- float64 truth, from the definitions
+
+
+def _f(spec, l):
+    """Per-token loss f(l) and the gate on p = exp(l) (objectives.md); float64."""
+    name, _, raw = spec.partition(":")
+    par = float(raw) if raw else None
+    p = l.exp()
+    gate = torch.ones_like(l, dtype=torch.bool)
+    if name.endswith("_top"):
+        gate = p.detach() >= par
+    elif name.endswith("_bottom"):
+        gate = p.detach() <= par
+    base = name.replace("_top", "").replace("_bottom", "")
+    f = {"nll": lambda: -l, "neg_p": lambda: 1 - p, "power": lambda: (1 - p ** par) / par,
+         "neg_power": lambda: -(p ** par) / par, "unlikelihood": lambda: torch.log(1 - p + 1e-3),
+         "dft": lambda: -p.detach() * l}[base]()
+    return f, gate
+
+
+def truth(h, w, t, b=None, *, objective="nll", reduction="mean", normalize="valid", softcap=None,
+          logit_scale=None, upstream=None):
+    hh, ww = h.double().requires_grad_(), w.double().requires_grad_()
+    bb = b.double().requires_grad_() if b is not None else None
+    z = hh @ ww.T
+    if bb is not None:
+        z = z + bb
+    if logit_scale is not None:
+        z = z * logit_scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    valid = t != -100
+    l = torch.log_softmax(z, -1).gather(-1, torch.where(valid, t, 0)[:, None])[:, 0]
+    f, gate = _f(objective, l)
+    kept = valid & gate
+    per_tok = torch.where(kept, f, torch.zeros_like(f))
+    if reduction == "none":
+        loss = per_tok
+        (per_tok * upstream.double()).sum().backward()
+    else:
+        denom = kept.sum() if normalize == "kept" else valid.sum()
+        if reduction == "sum":
+            loss = per_tok.sum()
+        else:
+            loss = per_tok.sum() / denom if denom > 0 else per_tok.sum() * 0
+        loss.backward()
+    return {"loss": loss.detach(), "dh": hh.grad, "dw": ww.grad, "db": bb.grad if bb is not None else None}
+
+
+def fused(backend, h, w, t, b=None, *, upstream=None, **kw):
+    hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+    bb = b.clone().requires_grad_() if b is not None else None
+    loss = fo.linear_objective_loss(hh, ww, t, bb, backend=backend, **kw)
+    (loss * upstream).sum().backward() if upstream is not None else loss.backward()
+    return {"loss": loss.detach(), "dh": hh.grad, "dw": ww.grad, "db": bb.grad if bb is not None else None}
+
+
+def check(backend, h, w, t, b=None, k=2.0, **kw):
+    """fused error <= k * same-dtype eager error + 4 eps * scale, per output, against float64."""
+    got = fused(backend, h, w, t, b, **kw)
+    want = truth(h, w, t, b, **kw)
+    base = naive_same_dtype(h, w, t, b, **kw)
+    for key, gt in want.items():
+        if gt is None:
+            assert got[key] is None, key
+            continue
+        assert got[key].dtype == (torch.float32 if key == "loss" else h.dtype), key
+        err = (got[key].double() - gt).abs().max().item()
+        err_b = (base[key].double() - gt).abs().max().item()
+        bound = k * err_b + 4 * torch.finfo(h.dtype).eps * max(gt.abs().max().item(), 1e-30)
+        assert err <= bound, f"[{backend}] {key}: error {err:.3e} > {bound:.3e} (eager {err_b:.3e})"
+    return got
+
+
+# ---------------------------------------------------------------- gradients in the forward
+
+SPECS = ["nll", "neg_p", "power:10", "neg_power:2", "nll_top:0.2", "nll_bottom:0.5", "neg_p_top:0.3",
+         "neg_p_bottom:0.7", "unlikelihood_top:0.4", "unlikelihood_bottom:0.6", "dft"]
+
+
+@pytest.fixture
+def forward_with_grad_only(monkeypatch):
+    """Fail if a scalar loss leaves the gradients-in-the-forward path (forward/backward primitives)."""
+    def refuse(*a, **k):
+        raise AssertionError("a scalar loss used the per-token primitives")
+    for cls in (triton_chunked.TritonChunkedBackend,):
+        monkeypatch.setattr(cls, "forward", refuse)
+        monkeypatch.setattr(cls, "backward", refuse)
+    monkeypatch.setattr(triton_dispatch.TritonBackend, "forward", refuse)
+    monkeypatch.setattr(triton_dispatch.TritonBackend, "backward", refuse)
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_gradients_in_forward_every_objective_with_every_option(forward_with_grad_only, spec):
+    # bias, scale and a soft-cap that bites (|z| up to ~3x the cap), gated objectives keeping some tokens
+    h, w, t, b = make_inputs(N=41, H=24, V=130, bias=True, peaked=6.0)
+    got = check("triton_chunked", h, w, t, b, objective=spec, softcap=8.0, logit_scale=1.5)
+    assert got["dh"].abs().sum() > 0
+    if spec in ("nll_top:0.2", "neg_p_top:0.3"):
+        # the soft-capped probabilities straddle the threshold: some valid tokens kept, some not
+        z = 8.0 * torch.tanh((h.double() @ w.double().T + b.double()) * 1.5 / 8.0)
+        p = torch.softmax(z, -1).gather(1, t.clamp(min=0)[:, None])[:, 0]
+        valid = t != -100
+        n_kept = (valid & (p >= float(spec.split(":")[1]))).sum()
+        assert 0 < n_kept < valid.sum()
+
+
+@pytest.mark.parametrize("backend", ["triton", "triton_chunked"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("normalize", ["valid", "kept"])
+def test_gradients_in_forward_dtypes(forward_with_grad_only, backend, dtype, normalize):
+    h, w, t, b = make_inputs(N=50, H=32, V=97, bias=True, peaked=5.0, dtype=dtype)
+    check(backend, h, w, t, b, objective="nll_top:0.3", normalize=normalize)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dw_mode", ["input", "fp32"])
+def test_chunk_merges_forced(monkeypatch, dtype, dw_mode):
+    # 6-row chunks: the 59 valid-or-not tokens take many chunks; dW and db add up across them
+    h, w, t, b = make_inputs(N=59, H=16, V=150, bias=True, peaked=5.0, dtype=dtype)
+    elt = torch.empty((), dtype=dtype).element_size()
+    monkeypatch.setattr(configs, "CHUNK_BUDGET_BYTES", 6 * 150 * elt)
+    monkeypatch.setattr(triton_chunked, "DW_ACCUMULATE", dw_mode)
+    assert triton_chunked.chunk_rows(150, dtype) == 6
+    check("triton_chunked", h, w, t, b, objective="neg_p", softcap=3.0)
+    check("triton_chunked", h, w, t, b, objective="power:3", reduction="none", upstream=torch.randn(59))
+
+
+def test_fp32_dw_buffer_is_no_less_accurate(monkeypatch):
+    # many chunks of a half-precision weight: the fp32 buffer rounds once, in-place bf16 once per chunk
+    h, w, t, _ = make_inputs(N=256, H=16, V=64, peaked=3.0, dtype=torch.bfloat16, ignore_frac=0.0)
+    monkeypatch.setattr(configs, "CHUNK_BUDGET_BYTES", 4 * 64 * 2)
+    want = truth(h, w, t)["dw"]
+    errs = {}
+    for mode in ("input", "fp32"):
+        monkeypatch.setattr(triton_chunked, "DW_ACCUMULATE", mode)
+        errs[mode] = (fused("triton_chunked", h, w, t)["dw"].double() - want).norm().item()
+    assert errs["fp32"] <= errs["input"], errs
+
+
+def test_bad_dw_mode_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(triton_chunked, "DW_ACCUMULATE", "fp64")
+    h, w, t, _ = make_inputs(dtype=torch.float16)
+    with pytest.raises(ValueError, match="DW_ACCUMULATE"):
+        fused("triton_chunked", h, w, t)
+
+
+# ---------------------------------------------------------------- per-token path: slabs, no atomics
+
+
+def test_per_token_slabs_and_row_chunks(monkeypatch):
+    # 3 vocabulary slabs of 128 columns (the last partial) and row chunks inside each slab
+    monkeypatch.setattr(triton_chunked, "MIN_SLAB_COLS", 128)
+    monkeypatch.setattr(configs, "CHUNK_BUDGET_BYTES", 10 * 128 * 4)
+    h, w, t, b = make_inputs(N=45, H=16, V=300, bias=True, peaked=5.0)
+    check("triton_chunked", h, w, t, b, objective="nll_top:0.2", reduction="none", upstream=torch.randn(45),
+          softcap=5.0, logit_scale=0.8)
+
+
+def _count_atomics(monkeypatch):
+    import triton.runtime.interpreter as interp
+
+    calls = []
+    for name in ("create_atomic_rmw", "create_atomic_cas"):
+        original = getattr(interp.InterpreterBuilder, name)
+
+        def counting(self, *args, _orig=original, **kwargs):
+            calls.append(1)
+            return _orig(self, *args, **kwargs)
+
+        monkeypatch.setattr(interp.InterpreterBuilder, name, counting)
+    return calls
+
+
+@pytest.mark.skipif(not configs.interpreting(), reason="counts the interpreter's atomics")
+def test_chunked_strategy_uses_no_atomics(monkeypatch):
+    calls = _count_atomics(monkeypatch)
+    h, w, t, b = make_inputs(N=40, H=16, V=70, bias=True, peaked=3.0)
+    fused("triton_chunked", h, w, t, b, objective="neg_p")                                   # gradients in forward
+    fused("triton_chunked", h, w, t, b, objective="neg_p", reduction="none", upstream=torch.randn(40))  # slabs
+    assert len(calls) == 0
+    fused("triton_fused", h, w, t, b, objective="neg_p")  # the detector works: the fused backward adds atomically
+    assert len(calls) > 0
+
+
+# ---------------------------------------------------------------- sync-free mode
+
+
+class AtenOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+# ops that read a device value on the host (a sync on CUDA)
+SYNCING = {"nonzero", "_local_scalar_dense", "item", "masked_select", "unique", "is_nonzero"}
+
+
+def _record_backend_ops(monkeypatch):
+    """ATen ops run inside the chunked backend's own methods (the CPU-only input checks of the
+    functional layer read values on the host; on CUDA they do not run)."""
+    ops = []
+    cls = triton_chunked.TritonChunkedBackend
+    for name in ("_forward", "_backward", "_forward_with_grad"):
+        original = getattr(cls, name)
+
+        def recorded(self, *a, _orig=original, **k):
+            with AtenOps() as mode:
+                out = _orig(self, *a, **k)
+            ops.extend(mode.ops)
+            return out
+
+        monkeypatch.setattr(cls, name, recorded)
+    return ops
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_sync_free_mode_has_no_host_reads_and_same_numbers(monkeypatch, reduction):
+    h, w, t, b = make_inputs(N=30, H=16, V=90, bias=True, peaked=4.0, ignore_frac=0.4)
+    h[t == -100] = float("nan")  # ignored rows go through the GEMMs in this mode: must stay out
+    up = torch.randn(30) if reduction == "none" else None
+    kw = dict(objective="nll_top:0.2", reduction=reduction, upstream=up)
+    ops = _record_backend_ops(monkeypatch)
+    monkeypatch.setattr(triton_chunked, "SYNC_FREE", False)
+    compact = fused("triton_chunked", h, w, t, b, **kw)
+    compact_ops = list(ops)
+    ops.clear()
+    monkeypatch.setattr(triton_chunked, "SYNC_FREE", True)
+    free = fused("triton_chunked", h, w, t, b, **kw)
+    free_ops = list(ops)
+    # the compacting mode reads the number of rows once per pass; the sync-free mode never
+    assert compact_ops.count("nonzero") == (1 if reduction == "mean" else 2)
+    assert not SYNCING & set(compact_ops) - {"nonzero"}
+    assert not SYNCING & set(free_ops), SYNCING & set(free_ops)
+    for key in compact:
+        if compact[key] is not None:
+            assert torch.isfinite(free[key]).all(), key
+            torch.testing.assert_close(free[key], compact[key], rtol=1e-5, atol=1e-7)
+    clean = torch.where((t != -100)[:, None], h, torch.zeros(()))
+    want = truth(clean, w, t, b, objective="nll_top:0.2", reduction=reduction, upstream=up)
+    for key in want:
+        torch.testing.assert_close(free[key].double(), want[key], rtol=1e-4, atol=1e-6)
+
+
+def test_sync_free_switch(monkeypatch):
+    monkeypatch.setattr(triton_chunked, "SYNC_FREE", None)
+    monkeypatch.delenv("FUSED_OBJECTIVES_SYNC_FREE", raising=False)
+    assert not triton_chunked.sync_free(torch.device("cpu"))
+    monkeypatch.setenv("FUSED_OBJECTIVES_SYNC_FREE", "1")
+    assert triton_chunked.sync_free(torch.device("cpu"))
+    monkeypatch.setattr(triton_chunked, "SYNC_FREE", False)
+    assert not triton_chunked.sync_free(torch.device("cpu"))
+
+
+def test_all_ignored_sync_free(monkeypatch):
+    monkeypatch.setattr(triton_chunked, "SYNC_FREE", True)
+    h, w, t, b = make_inputs(N=9, H=8, V=40, bias=True)
+    t = torch.full_like(t, -100)
+    out = fused("triton_chunked", h, w, t, b)
+    assert out["loss"].item() == 0 and all(torch.all(out[k] == 0) for k in ("dh", "dw", "db"))
+
+
+# ---------------------------------------------------------------- accurate soft-cap tanh
+
+
+@pytest.mark.parametrize("backend", ["triton_chunked", "triton_fused"])
+def test_softcap_huge_is_the_identity(backend):
+    # softcap=1e8: tanh(z / 1e8) * 1e8 == z to fp32 rounding; (1-e)/(1+e) lost 6% of the loss here
+    h, w, t, b = make_inputs(N=20, H=16, V=60, bias=True, peaked=4.0)
+    got = fused(backend, h, w, t, b, objective="neg_p", softcap=1e8)
+    want = truth(h, w, t, b, objective="neg_p")
+    for key in want:
+        err = (got[key].double() - want[key]).abs().max().item()
+        assert err <= 1e-5 * want[key].abs().max().item(), (key, err)
+
+
+@pytest.mark.parametrize("backend", ["triton_chunked", "triton_fused"])
+def test_softcap_30_against_float64(backend):
+    h, w, t, b = make_inputs(N=24, H=16, V=80, bias=True, peaked=8.0)
+    h = h * 4  # logits of tens: the soft-cap's whole range
+    check(backend, h, w, t, b, objective="nll", softcap=30.0)
+
+
+@triton.jit
+def tanh_probe_kernel(x_ptr, t_ptr, d_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    mask = offs < n
+    t, d = tanh_sech2(tl.load(x_ptr + offs, mask=mask, other=0.0))
+    tl.store(t_ptr + offs, t, mask=mask)
+    tl.store(d_ptr + offs, d, mask=mask)
+
+
+def test_tanh_kernel_helper_is_accurate():
+    mag = torch.logspace(-9, 1.3, 200, dtype=torch.float64)
+    x = torch.cat([mag, -mag, torch.tensor([0.0, 0.2999, 0.3, 0.3001])]).float()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    xd = x.to(dev)
+    t, d = torch.empty_like(xd), torch.empty_like(xd)
+    tanh_probe_kernel[(1,)](xd, t, d, x.numel(), BLOCK=512)
+    x64 = x.double()
+    t_true, d_true = torch.tanh(x64), 1 / torch.cosh(x64) ** 2
+    rel = lambda a, b: ((a.cpu().double() - b).abs() / b.abs().clamp_min(1e-300)).max().item()
+    assert rel(t[x != 0], t_true[x != 0]) < 4 * 2.0 ** -24
+    assert t[x == 0].abs().max() == 0
+    assert rel(d, d_true) < 8 * 2.0 ** -24
+
+
+# ---------------------------------------------------------------- the dispatcher
+
+
+def test_dispatch_rule(monkeypatch):
+    backend = triton_dispatch.TritonBackend()
+    pick = lambda n, H, V: backend.per_token_strategy(torch.empty(n, H, dtype=torch.bfloat16),
+                                                      torch.empty(V, H, dtype=torch.bfloat16)).name
+    assert pick(64, 4096, 1000) == "triton_chunked"
+    assert pick(64, 16, 1000) == "triton_fused"
+    # per-token calls of "triton" go where the rule says; scalar losses always to the chunked path
+    seen = []
+    for cls in (triton_chunked.TritonChunkedBackend, triton_dispatch.TritonFusedBackend):
+        original = cls.backward
+
+        def spy(self, *a, _orig=original, **k):
+            seen.append(self.name)
+            return _orig(self, *a, **k)
+
+        monkeypatch.setattr(cls, "backward", spy)
+    h, w, t, _ = make_inputs(N=12, H=16, V=50)
+    check("triton", h, w, t, objective="neg_p", reduction="none", upstream=torch.randn(12))
+    h, w, t, _ = make_inputs(N=12, H=320, V=50)
+    check("triton", h, w, t, objective="neg_p", reduction="none", upstream=torch.randn(12))
+    assert seen == ["triton_fused", "triton_chunked"]
+
+
+def test_roofline_prediction_at_llama3_head():
+    # the docstring's figures: chunked ~4 GEMMs at cuBLAS rate, fused several times slower
+    chunked = triton_dispatch.predict_seconds("triton_chunked", 8192, 4096, 128256, 2)
+    fused_s = triton_dispatch.predict_seconds("triton_fused", 8192, 4096, 128256, 2)
+    gemm4 = 8 * 8192 * 4096 * 128256 / (0.75 * 989e12)
+    assert gemm4 < chunked < 1.1 * gemm4 < 3 * chunked < fused_s
+    assert math.isfinite(fused_s)
