@@ -21,6 +21,8 @@ def main(argv=None) -> int:
     from .measure import measure
     from .providers import Problem, get_provider
 
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
     gt = Result(**torch.load(spec["gt_path"], map_location="cpu"))
     inp = make_inputs(spec["tokens"], spec["hidden"], spec["vocab"], DTYPES[spec["dtype"]], spec["device"],
                       spec["ignored_fraction"], spec["seed"])

@@ -102,12 +102,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="check only the first N tokens against float64 (default: every token)")
     h.add_argument("--in-process", action="store_true",
                    help="on CPU, run providers in this process (faster; peak RSS then less isolated)")
+    h.add_argument("--threads", type=_positive_int("--threads"), metavar="K",
+                   help="torch threads, here and in every provider's process (default: torch's)")
     h.add_argument("--seed", type=int, default=0)
     o = parser.add_argument_group("output")
     o.add_argument("--json", metavar="PATH", help="write {machine, records} JSON")
     o.add_argument("--csv", metavar="PATH", help="write CSV (machine as '# key: value' lines first)")
     o.add_argument("--plot", metavar="PATH", help="write a PNG: time and memory against tokens per provider")
     o.add_argument("--note", default="", help="free text stored in the machine header (e.g. 'shared CPU')")
+    o.add_argument("--render", metavar="JSON",
+                   help="measure nothing: print the report of a JSON written by --json (with --wide, --csv, --plot)")
     o.add_argument("--wide", action="store_true",
                    help="one row per (configuration, provider) with every pass, TFLOP/s and peak memory "
                         "(wider than 100 columns)")
@@ -218,7 +222,14 @@ def run(args: argparse.Namespace, parser: Optional[argparse.ArgumentParser] = No
     from . import report, runner
 
     parser = parser or argparse.ArgumentParser(prog="fused-objectives bench")
+    if args.render:
+        return _render(args, parser)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     plan = build_plan(args, parser)
+    plan.threads = args.threads
     command = "fused-objectives " + " ".join(shlex.quote(a) for a in getattr(args, "argv", []))
     machine = report.machine_info(plan.device, args.note, command.strip())
     if not args.quiet:
@@ -232,6 +243,26 @@ def run(args: argparse.Namespace, parser: Optional[argparse.ArgumentParser] = No
     progress = _Progress(plan, args.quiet)
     checkpoint = (lambda recs: report.write_json(args.json, machine, recs)) if args.json else None
     records = runner.run(plan, progress, checkpoint, note=progress.note)
+    return _report(args, machine, records)
+
+
+def _render(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import json
+
+    try:
+        with open(args.render) as f:
+            data = json.load(f)
+        machine, records = data["machine"], data["records"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        parser.error(f"--render {args.render!r}: not a JSON written by 'fused-objectives bench --json' ({exc})")
+    if args.json:
+        parser.error("--render reads a JSON; --json would write one (use --csv or --plot)")
+    return _report(args, machine, records)
+
+
+def _report(args: argparse.Namespace, machine: dict, records: list) -> int:
+    from . import report
+
     print(report.table(records, machine, wide=args.wide))
     written = []
     if args.json:

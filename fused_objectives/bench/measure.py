@@ -1,7 +1,8 @@
 """Measure one provider on one configuration: correctness, time per pass, peak memory.
 
 Time: median over repeats after warm-up; on CUDA, CUDA events around the forward and the backward
-of each step (stream time, no host sync inside a step); on CPU, ``time.perf_counter``.
+of each step (stream time, no host sync inside a step); on CPU, ``time.perf_counter``, and the
+process CPU time of forward+backward (``os.times``, every thread) beside it.
 Memory: on CUDA, peak allocated bytes over the allocation before the step
 (``torch.cuda.max_memory_allocated``); on CPU, peak RSS growth (``VmHWM`` after resetting it through
 ``/proc/self/clear_refs``, the heap trimmed first), run in a fresh process per provider by the runner.
@@ -11,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import math
+import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -21,6 +23,9 @@ import torch
 from .inputs import Inputs, Result, check, run_once
 
 PASSES = ("fwd", "bwd", "fwd_bwd")
+# On CPU, forward+backward also in process CPU time (all threads): less sensitive to other jobs on a
+# shared machine than wall time, and the two together show whether threads sat idle.
+CPU_TIME = "fwd_bwd_cpu"
 
 
 @dataclass
@@ -78,23 +83,32 @@ def time_steps(fn, inp: Inputs, warmup: int, repeats: int,
             out["bwd"].append(e[1].elapsed_time(e[2]))
             out["fwd_bwd"].append(e[0].elapsed_time(e[2]))
         return out
+    out[CPU_TIME] = []
     for i in range(warmup + repeats):
         if i == warmup:
             start = time.perf_counter()
         if out_of_time(i):
             break
         inp.hidden.grad = inp.weight.grad = None
+        c0 = _process_cpu_s()
         t0 = time.perf_counter()
         loss = fn(inp.hidden, inp.weight, inp.target)
         t1 = time.perf_counter()
         loss.backward()
         t2 = time.perf_counter()
+        c1 = _process_cpu_s()
         del loss
         if i >= warmup:
             out["fwd"].append((t1 - t0) * 1e3)
             out["bwd"].append((t2 - t1) * 1e3)
             out["fwd_bwd"].append((t2 - t0) * 1e3)
+            out[CPU_TIME].append((c1 - c0) * 1e3)
     return out
+
+
+def _process_cpu_s() -> float:
+    t = os.times()
+    return t.user + t.system
 
 
 # ---------------------------------------------------------------- CPU resident-set measurement
@@ -231,10 +245,11 @@ def time_bare_gemms(inp: Inputs, warmup: int, repeats: int) -> Dict[str, float]:
     device = x.device
     g = torch.randn(x.shape[0], w.shape[0], device=device, dtype=x.dtype)
     ops = {"logits": lambda: x @ w.T, "dx": lambda: g @ w, "dw": lambda: g.T @ x}
-    med = {}
+    med, cpu = {}, {}
     for name, op in ops.items():
-        ts = []
+        ts, cs = [], []
         for i in range(warmup + repeats):
+            c0 = _process_cpu_s()
             if device.type == "cuda":
                 a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 a.record()
@@ -249,11 +264,16 @@ def time_bare_gemms(inp: Inputs, warmup: int, repeats: int) -> Dict[str, float]:
             del out
             if i >= warmup:
                 ts.append(t)
+                cs.append((_process_cpu_s() - c0) * 1e3)
         med[name] = statistics.median(ts)
+        cpu[name] = statistics.median(cs)
     del g
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return {"fwd": med["logits"], "bwd": med["dx"] + med["dw"], "fwd_bwd": med["logits"] + med["dx"] + med["dw"]}
+    out = {"fwd": med["logits"], "bwd": med["dx"] + med["dw"], "fwd_bwd": med["logits"] + med["dx"] + med["dw"]}
+    if device.type == "cpu":
+        out[CPU_TIME] = sum(cpu.values())
+    return out
 
 
 def flops(pass_: str, tokens: int, hidden: int, vocab: int) -> float:

@@ -23,7 +23,8 @@ from . import roofline
 FIELDS = ["provider", "objective", "preset", "tokens", "hidden", "vocab", "dtype", "device", "pass", "time_ms",
           "peak_mem_mb", "tflops", "matmul_ratio", "correct", "max_rel_error", "status", "reason", "backend",
           "softcap", "ignored_fraction", "valid_tokens", "speedup_vs_reference", "extra_mem_mb", "grad_mem_mb",
-          "tolerance", "check_tokens", "err_loss", "err_dx", "err_dw", "repeats"]
+          "tolerance", "check_tokens", "err_loss", "err_dx", "err_dw", "repeats", "cpu_time_ms", "cpu_matmul_ratio",
+          "threads"]
 
 
 def _version(dist: str) -> Optional[str]:
@@ -118,7 +119,7 @@ def wide_table(records: Sequence[dict], machine: Dict[str, object]) -> str:
                r["ignored_fraction"], r["provider"])
         rows.setdefault(key, {})[r["pass"]] = r
     head = (["preset", "N", "objective", "ign", "provider"] + [f"{p} ms" for p in passes]
-            + ["x ref", "x gemm", "TFLOP/s", "peak MB", "extra MB", "check"])
+            + ["x ref", "x gemm", "cpu x gemm", "TFLOP/s", "peak MB", "extra MB", "check"])
     lines = [head]
     for key, by_pass in rows.items():
         r = by_pass.get(main) or next(iter(by_pass.values()))
@@ -139,7 +140,8 @@ def wide_table(records: Sequence[dict], machine: Dict[str, object]) -> str:
         speed = _fmt(r["speedup_vs_reference"], ".2f") if r["correct"] else ("n/a" if r["status"] == "wrong" else "-")
         lines.append([r["preset"], str(r["tokens"]), r["objective"], _fmt(r["ignored_fraction"], "g"), name]
                      + [_fmt(by_pass.get(p, {}).get("time_ms"), ".1f") for p in passes]
-                     + [speed, _fmt(r["matmul_ratio"], ".2f"), _fmt(r["tflops"], ".2f"),
+                     + [speed, _fmt(r["matmul_ratio"], ".2f"), _fmt(r.get("cpu_matmul_ratio"), ".2f"),
+                        _fmt(r["tflops"], ".2f"),
                         _fmt(r["peak_mem_mb"], ".0f"), _fmt(r["extra_mem_mb"], ".0f"), check])
     widths = [max(len(row[i]) for row in lines) for i in range(len(head) - 1)]
     out = []
@@ -153,6 +155,7 @@ def wide_table(records: Sequence[dict], machine: Dict[str, object]) -> str:
              f"commit {str(machine.get('git_commit'))[:10]}{' (dirty)' if machine.get('git_dirty') else ''}",
              f"times: median of {records[0]['repeats'] if records else '?'} repeats; x ref = reference time / time "
              f"({main}; only for correct results); x gemm = time / three bare GEMMs (1.0 = physical limit); "
+             "cpu x gemm = the same in process CPU time (CPU runs); "
              "TFLOP/s on 6*N_valid*H*V; peak MB = peak memory growth over the inputs, extra MB = peak minus gradients"]
     if machine.get("note"):
         notes.append(f"note: {machine['note']}")
@@ -225,6 +228,8 @@ def verdict(rows: Sequence[dict]) -> List[str]:
                 bits.append(f"{fused['extra_mem_mb'] / ref['extra_mem_mb']:.2f}x its extra memory")
         if gemm is not None and gemm["time_ms"]:
             bits.append(f"{fused['time_ms'] / gemm['time_ms']:.2f}x the bare GEMMs' time")
+        if fused.get("cpu_matmul_ratio"):
+            bits.append(f"{fused['cpu_matmul_ratio']:.2f}x their process CPU time")
         if bits:
             lines.append(f"  {fused['provider']}: " + ", ".join(bits))
         if ref is not None and ref["correct"] and ref["time_ms"]:

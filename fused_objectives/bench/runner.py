@@ -20,7 +20,7 @@ from typing import Callable, List, Optional, Sequence
 import torch
 
 from .inputs import DTYPES, errors, ground_truth, make_inputs, run_once, tolerance
-from .measure import PASSES, Measurement, finite, flops, measure, time_bare_gemms
+from .measure import CPU_TIME, PASSES, Measurement, finite, flops, measure, time_bare_gemms
 from .providers import Problem, Reference, get_provider
 from .report import short_reason
 
@@ -50,6 +50,7 @@ class Plan:
     isolate: bool = True
     seed: int = 0
     max_seconds: Optional[float] = None
+    threads: Optional[int] = None  # torch.set_num_threads here and in every worker process
 
     def units(self) -> int:
         return len(self.shapes) * len(self.objectives) * len(self.ignored_fractions) * len(self.providers)
@@ -72,6 +73,7 @@ def _record(shape: Shape, plan: Plan, provider: str, objective: str, ignored: fl
         "ignored_fraction": ignored, "valid_tokens": n_valid, "speedup_vs_reference": None,
         "extra_mem_mb": None, "grad_mem_mb": None, "tolerance": None, "check_tokens": None,
         "err_loss": None, "err_dx": None, "err_dw": None, "repeats": None, "times_ms": None,
+        "cpu_time_ms": None, "cpu_matmul_ratio": None, "threads": plan.threads or torch.get_num_threads(),
     }
     if m is not None:
         t = m.time_ms.get(pass_)
@@ -80,6 +82,8 @@ def _record(shape: Shape, plan: Plan, provider: str, objective: str, ignored: fl
                    repeats=len(m.times_ms.get(pass_) or []) or None,
                    err_loss=finite(m.errors.get("loss")), err_dx=finite(m.errors.get("dx")),
                    err_dw=finite(m.errors.get("dw")))
+        if pass_ == "fwd_bwd":
+            rec["cpu_time_ms"] = m.time_ms.get(CPU_TIME)
         if t:
             rec["tflops"] = flops(pass_, n_valid, shape.hidden, shape.vocab) / (t * 1e-3) / 1e12
         mem = m.peak_mem_mb.get(pass_)
@@ -95,7 +99,7 @@ def _run_isolated(provider: str, shape: Shape, plan: Plan, objective: str, ignor
     spec = {"provider": provider, "tokens": shape.tokens, "hidden": shape.hidden, "vocab": shape.vocab,
             "softcap": shape.softcap, "dtype": plan.dtype, "device": plan.device, "objective": objective,
             "ignored_fraction": ignored, "seed": plan.seed, "warmup": plan.warmup, "repeats": plan.repeats,
-            "max_seconds": plan.max_seconds,
+            "max_seconds": plan.max_seconds, "threads": plan.threads,
             "check_tokens": check_tokens, "tolerance": tol, "gt_path": gt_path}
     spec_path, out_path = os.path.join(tmp, "spec.json"), os.path.join(tmp, "out.json")
     with open(spec_path, "w") as f:
@@ -137,7 +141,7 @@ def run(plan: Plan, progress: Optional[Callable[[str], None]] = None,
                     tell(f"{shape.preset} N={shape.tokens} {objective} ignored={ignored:g}: float64 reference ...")
                     recs = _run_config(plan, shape, objective, ignored, device, dtype, tmp, say)
                     for p in plan.passes:
-                        recs.append(_gemm_record(shape, plan, objective, ignored, p, gemm[p]))
+                        recs.append(_gemm_record(shape, plan, objective, ignored, p, gemm[p], gemm.get(CPU_TIME)))
                     records += recs
                     if checkpoint is not None:
                         add_ratios(records)
@@ -146,9 +150,11 @@ def run(plan: Plan, progress: Optional[Callable[[str], None]] = None,
     return records
 
 
-def _gemm_record(shape, plan, objective, ignored, pass_, t) -> dict:
+def _gemm_record(shape, plan, objective, ignored, pass_, t, cpu_t=None) -> dict:
     rec = _record(shape, plan, "bare_gemm", objective, ignored, shape.tokens, pass_, None, "baseline",
                   "the three GEMMs of this shape (logits, dX, dW), no softmax: the physical limit")
+    if pass_ == "fwd_bwd":
+        rec["cpu_time_ms"] = cpu_t
     rec.update(time_ms=t, repeats=plan.repeats, tflops=flops(pass_, shape.tokens, shape.hidden, shape.vocab) / (t * 1e-3) / 1e12,
                matmul_ratio=1.0)
     return rec
@@ -205,6 +211,7 @@ def add_ratios(records: Sequence[dict]) -> None:
     """``matmul_ratio`` (time / bare GEMMs) and ``speedup_vs_reference`` (reference time / time), the
     latter only where both the provider and the reference passed the correctness check."""
     gemm = {_key(r): r["time_ms"] for r in records if r["provider"] == "bare_gemm"}
+    gemm_cpu = {_key(r): r.get("cpu_time_ms") for r in records if r["provider"] == "bare_gemm"}
     ref = {_key(r): r["time_ms"] for r in records
            if r["provider"] == "reference" and r["correct"] and r["time_ms"]}
     for r in records:
@@ -212,5 +219,7 @@ def add_ratios(records: Sequence[dict]) -> None:
             continue
         g = gemm.get(_key(r))
         r["matmul_ratio"] = r["time_ms"] / g if g else None
+        gc = gemm_cpu.get(_key(r))
+        r["cpu_matmul_ratio"] = r["cpu_time_ms"] / gc if (gc and r.get("cpu_time_ms")) else None
         t_ref = ref.get(_key(r))
         r["speedup_vs_reference"] = t_ref / r["time_ms"] if (r["correct"] and t_ref) else None
