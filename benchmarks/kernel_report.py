@@ -8,7 +8,7 @@ and the cubin.  From them this script reads, per (kernel, arch, dtype, features,
 
 - ``shared_bytes``: Triton's dynamic shared memory per program, against the arch's opt-in limit
   (sm_80 166,912 B; sm_90 232,448 B): above it the launch fails;
-- ``registers``, ``spill_bytes``, ``stack_bytes``: ``ptxas -v`` on the PTX (the ptxas Triton
+- ``registers``, ``spill_bytes`` (spill stores + spill loads), ``stack_bytes``: ``ptxas -v`` on the PTX (the ptxas Triton
   itself uses for that arch, from the wheel's ``triton/backends/nvidia/bin``);
 - ``atomics``: every ``atom.``/``red.`` in the PTX with its memory semantics and scope (PTX's
   default when absent is ``relaxed``), and the SASS fences around them (``MEMBAR``, ``CCTL``, from
@@ -49,6 +49,8 @@ from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
+# Triton 3.9 warns unless this is set; 1 is its (and the GPU machine's Triton 3.6) default: FMA fusion on
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
@@ -122,6 +124,7 @@ class KernelEntry:
     launch: Callable[[Case], Tuple[list, dict]]
     valid: Callable[[Dict[str, bool]], bool] = lambda f: True
     smoke: Tuple[Dict[str, bool], ...] = ()  # feature sets of the test's subset (default: all off)
+    dtypes: Tuple[str, ...] = tuple(DTYPES)  # the dtypes whose code differs
 
     def function(self):
         module, attr = self.target.split(":")
@@ -135,31 +138,58 @@ def _torch():
 
 
 def _dot_args(case: Case) -> dict:
-    """DOT_FP32 / PRECISION as the backend derives them (TritonBackend._dot_fp32, configs.dot_precision)."""
+    """DOT_FP32 / PRECISION as the fused backend derives them (backends/triton_fused.dot_fp32 on a GPU,
+    configs.dot_precision): fp32 tiles stay fp32, IEEE dots unless TF32 is allowed."""
     fp32 = case.dtype.torch_name == "float32"
     return dict(DOT_FP32=fp32, PRECISION=("tf32" if (case.dtype.tf32 or not fp32) else "ieee"))
 
 
-def _meta(cfg) -> dict:
+def _named(cfg, prefix: str) -> Dict[str, object]:
+    """{name in kernels/configs.py: config} for the config the launcher's own selector picks (equal
+    configs may have several names: the one starting with ``prefix`` first)."""
+    from fused_objectives.kernels import configs
+    names = sorted((not k.startswith(prefix), k) for k, v in vars(configs).items()
+                   if k.isupper() and v == cfg and "INTERPRET" not in k)
+    return {names[0][1] if names else repr(cfg): cfg}
+
+
+def _tile_meta(cfg) -> dict:
     return dict(BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
+# The launchers' own config selectors (this process does not interpret, so they return GPU configs).
 def _fwd_configs(dtype: DType) -> Dict[str, object]:
     from fused_objectives.kernels import configs
-    return {"FORWARD_DEFAULT": configs.FORWARD_DEFAULT}
+    return _named(configs.forward_config(getattr(_torch(), dtype.torch_name)), "FORWARD")
 
 
 def _bwd_configs(dtype: DType) -> Dict[str, object]:
     from fused_objectives.kernels import configs
-    return {"BACKWARD_DEFAULT": configs.BACKWARD_DEFAULT}
+    return _named(configs.backward_config(getattr(_torch(), dtype.torch_name)), "BACKWARD")
+
+
+def _rows_configs(dtype: DType) -> Dict[str, object]:
+    from fused_objectives.kernels import configs
+    return _named(configs.rows_config(), "ROWS")
+
+
+def _dz_configs(dtype: DType) -> Dict[str, object]:
+    from fused_objectives.kernels import configs
+    return _named(configs.dz_config(), "DZ")
+
+
+def _transforms(case: Case) -> dict:
+    f = case.features
+    return dict(HAS_BIAS=f["bias"], HAS_SCALE=f["scale"], HAS_SOFTCAP=f["softcap"])
 
 
 def _lse_fwd_launch(case: Case):
+    """kernels/forward.py fused_forward."""
     torch = _torch()
     from fused_objectives.kernels import configs
     N, H, V = SHAPE["N"], SHAPE["H"], SHAPE["V"]
-    cfg, x, f = case.config, case.torch_dtype, case.features
+    cfg, x = case.config, case.torch_dtype
     n_blocks = -(-N // cfg.block_n)
     v_blocks = -(-V // cfg.block_v)
     splits = max(1, min(v_blocks, -(-configs.TARGET_PROGRAMS // n_blocks)))
@@ -167,24 +197,50 @@ def _lse_fwd_launch(case: Case):
     f32, i64, i32 = torch.float32, torch.int64, torch.int32
     args = [Ptr(x), Ptr(x), Ptr(x), Ptr(i64), Ptr(i64), Ptr(i32), Ptr(f32), Ptr(f32), Ptr(i64), Ptr(f32),
             V, H, v_per_split, H, 1, H, 1, N, 1.0, 1.0]
-    kw = dict(HAS_BIAS=f["bias"], HAS_SCALE=f["scale"], HAS_SOFTCAP=f["softcap"], **_dot_args(case), **_meta(cfg))
-    return args, kw
+    return args, dict(**_transforms(case), **_dot_args(case), **_tile_meta(cfg))
 
 
 def _grad_bwd_launch(case: Case):
+    """kernels/backward.py fused_backward, first dW slab (v_start 0, v_end = slab rows or V)."""
     torch = _torch()
+    from fused_objectives.kernels import configs
     N, H, V = SHAPE["N"], SHAPE["H"], SHAPE["V"]
     cfg, x, f = case.config, case.torch_dtype, case.features
     f32, i64, i32 = torch.float32, torch.int64, torch.int32
-    slab_rows = V  # v_start / v_end of the first slab: 0 and the slab's end (both 16-divisible)
-    args = [Ptr(x), Ptr(x), Ptr(x), Ptr(i64), Ptr(f32), Ptr(f32), Ptr(i64), Ptr(i32),
+    slab = V if x == f32 else min(V, max(cfg.block_v, configs.DW_SLAB_BYTES // (4 * H) // cfg.block_v * cfg.block_v))
+    args = [Ptr(x), Ptr(x), Ptr(x), Ptr(i64), Ptr(f32), Ptr(f32), Ptr(f32), Ptr(i64), Ptr(i32),
             Ptr(f32), Ptr(f32), Ptr(f32),
-            N, V, H, 0, slab_rows,
+            N, V, H, 0, slab,
             H, 1, H, 1, H, H,
             1.0, 1.0]
-    kw = dict(HAS_BIAS=f["bias"], HAS_SCALE=f["scale"], HAS_SOFTCAP=f["softcap"], **_dot_args(case),
-              COMPUTE_DX=f["dx"], COMPUTE_DW=f["dw"], COMPUTE_DB=f["db"], **_meta(cfg))
-    return args, kw
+    return args, dict(**_transforms(case), **_dot_args(case), COMPUTE_DX=f["dx"], COMPUTE_DW=f["dw"],
+                      COMPUTE_DB=f["db"], **_tile_meta(cfg))
+
+
+def _chunk_rows(dtype) -> int:
+    """Rows of the chunked strategy's [rows, V] buffer (backends/triton_chunked.chunk_rows)."""
+    from fused_objectives.kernels import configs
+    rows = configs.CHUNK_BUDGET_BYTES // (SHAPE["V"] * _torch().empty((), dtype=dtype).element_size())
+    return rows // 64 * 64 if rows >= 64 else rows
+
+
+def _row_stats_launch(case: Case):
+    """kernels/rows.py row_stats on one [rows, V] chunk of the scalar path."""
+    torch = _torch()
+    V, cfg, x = SHAPE["V"], case.config, case.torch_dtype
+    f32, i64 = torch.float32, torch.int64
+    args = [Ptr(x), Ptr(x), Ptr(i64), Ptr(f32), Ptr(f32), Ptr(i64), Ptr(f32), _chunk_rows(x), V, V, 1.0, 1.0]
+    return args, dict(**_transforms(case), BLOCK_M=cfg.block_m, BLOCK_V=cfg.block_v, num_warps=cfg.num_warps)
+
+
+def _dz_launch(case: Case):
+    """kernels/rows.py softmax_grad_ on one [rows, V] chunk (col0 0).  The per-token backward's slabs
+    ([n, 12288] at N 8192, col0 a multiple of 12288) give the same specialisation: every size 16-divisible."""
+    torch = _torch()
+    V, cfg, x = SHAPE["V"], case.config, case.torch_dtype
+    f32, i64 = torch.float32, torch.int64
+    args = [Ptr(x), Ptr(x), Ptr(i64), Ptr(f32), Ptr(f32), Ptr(f32), Ptr(f32), _chunk_rows(x), V, 0, V, 1.0, 1.0]
+    return args, dict(**_transforms(case), BLOCK_M=cfg.block_m, BLOCK_V=cfg.block_v, num_warps=cfg.num_warps)
 
 
 def _grad_valid(f: Dict[str, bool]) -> bool:
@@ -192,12 +248,20 @@ def _grad_valid(f: Dict[str, bool]) -> bool:
     return (f["dx"] or f["dw"] or f["db"]) and (f["bias"] or not f["db"])
 
 
+TRANSFORMS = ("bias", "scale", "softcap")
+# Row kernels have no tl.dot: the TF32 setting cannot change them, one fp32 entry covers both.
+NO_DOT_DTYPES = ("bf16", "fp16", "fp32-ieee")
+
 KERNELS: List[KernelEntry] = [
     KernelEntry("lse_fwd_kernel", "fused_objectives.kernels.forward:lse_fwd_kernel", _fwd_configs,
-                ("bias", "scale", "softcap"), _lse_fwd_launch),
+                TRANSFORMS, _lse_fwd_launch),
     KernelEntry("grad_bwd_kernel", "fused_objectives.kernels.backward:grad_bwd_kernel", _bwd_configs,
-                ("bias", "scale", "softcap", "dx", "dw", "db"), _grad_bwd_launch, _grad_valid,
+                TRANSFORMS + ("dx", "dw", "db"), _grad_bwd_launch, _grad_valid,
                 smoke=(dict(dx=True, dw=True),)),
+    KernelEntry("row_stats_kernel", "fused_objectives.kernels.rows:row_stats_kernel", _rows_configs,
+                TRANSFORMS, _row_stats_launch, dtypes=NO_DOT_DTYPES),
+    KernelEntry("dz_kernel", "fused_objectives.kernels.rows:dz_kernel", _dz_configs,
+                TRANSFORMS, _dz_launch, dtypes=NO_DOT_DTYPES),
 ]
 
 
@@ -358,6 +422,7 @@ def compile_case(entry: KernelEntry, arch: str, case: Case) -> dict:
                    atomics=ptx_atomics(ptx), ptx=ptx_counts(ptx), sass=sass_counts(compiled.asm["cubin"]))
         usage = ptxas_usage(ptx, arch, info["capability"])
         rec.update(registers=usage["registers"], stack_bytes=usage["stack_bytes"], ptxas=usage["ptxas"],
+                   spill_stores=usage["spill_stores"], spill_loads=usage["spill_loads"],
                    spill_bytes=(usage["spill_stores"] or 0) + (usage["spill_loads"] or 0))
     except Exception as exc:  # a failing compile is a finding, not a crash of the report
         msg = f"{type(exc).__name__}: {exc}".strip()
@@ -393,6 +458,8 @@ def cases(entry: KernelEntry, dtypes: Sequence[str], smoke: bool) -> Iterator[Ca
         feature_sets = [dict(zip(entry.features, bits))
                         for bits in itertools.product((False, True), repeat=len(entry.features))]
     for dname in dtypes:
+        if dname not in entry.dtypes:
+            continue
         dtype = DTYPES[dname]
         for cname, cfg in entry.configs(dtype).items():
             for feats in feature_sets:
@@ -425,7 +492,8 @@ def environment() -> dict:
 
 
 def run(kernels: Sequence[str], archs: Sequence[str], dtypes: Sequence[str], smoke: bool,
-        progress: Callable[[str], None] = lambda s: None) -> List[dict]:
+        progress: Callable[[str], None] = lambda s: None,
+        checkpoint: Callable[[List[dict]], None] = lambda recs: None) -> List[dict]:
     records = []
     for entry in KERNELS:
         if kernels and entry.name not in kernels:
@@ -436,6 +504,7 @@ def run(kernels: Sequence[str], archs: Sequence[str], dtypes: Sequence[str], smo
                 progress(f"{entry.name:<24} {arch:<6} {case.dtype.name:<9} {_feat_str(case.features):<28} "
                          f"{case.config_name:<18} {rec['compile_s']:5.1f}s  {rec['verdict']}")
                 records.append(rec)
+                checkpoint(records)
     return records
 
 
@@ -530,12 +599,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         p.error(f"needs Triton with its NVIDIA backend (pip install triton): {exc}")
     env = environment()
     say = (lambda s: None) if args.quiet else (lambda s: print(s, flush=True))
-    records = run(args.kernel, args.arch, args.dtype, args.subset == "smoke", say)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump({"environment": env, "records": records}, f, indent=1)
-            f.write("\n")
+
+    def write_json(records):
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            with open(args.json, "w") as f:
+                json.dump({"environment": env, "records": records}, f, indent=1)
+                f.write("\n")
+    # the JSON is rewritten after every compilation: an interrupted sweep keeps what it compiled
+    records = run(args.kernel, args.arch, args.dtype, args.subset == "smoke", say, write_json)
+    write_json(records)
     if args.markdown:
         Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
         Path(args.markdown).write_text(markdown(records, env))
