@@ -12,10 +12,16 @@ import fused_objectives as fo
 import truth as _truth
 
 
+# Where make_inputs puts its tensors unless told: a test file's backend fixture sets it (through
+# monkeypatch) to device_for(backend), so the Triton cases get CUDA tensors on a CUDA machine.
+DEFAULT_DEVICE = {"device": torch.device("cpu")}
+
+
 def make_inputs(N=37, H=19, V=100, dtype=torch.float32, bias=False, lead=None, ignore_frac=0.2,
-                peaked=0.0, seed=0):
+                peaked=0.0, seed=0, device=None):
     """hidden [*lead, H] (or [N, H]), weight [V, H], target, bias; ``peaked`` > 0 makes logits
-    concentrate on the target (so p spans the thresholds and argmax often hits)."""
+    concentrate on the target (so p spans the thresholds and argmax often hits).  Generated on the
+    CPU (same values everywhere), then moved to ``device`` (default ``DEFAULT_DEVICE``)."""
     g = torch.Generator().manual_seed(seed)
     shape = tuple(lead) if lead is not None else (N,)
     hidden = torch.randn(*shape, H, generator=g)
@@ -28,8 +34,9 @@ def make_inputs(N=37, H=19, V=100, dtype=torch.float32, bias=False, lead=None, i
     ignore = torch.rand(shape, generator=g) < ignore_frac
     target = torch.where(ignore, torch.full_like(target, -100), target)
     b = torch.randn(V, generator=g) * 0.5 if bias else None
-    cast = lambda t: None if t is None else t.to(dtype)
-    return cast(hidden), cast(weight), target, cast(b)
+    dev = device if device is not None else DEFAULT_DEVICE["device"]
+    cast = lambda t: None if t is None else t.to(device=dev, dtype=dtype)
+    return cast(hidden), cast(weight), target.to(dev), cast(b)
 
 
 def run(hidden, weight, target, bias=None, *, upstream=None, grads=True, **kw) -> Dict[str, Optional[torch.Tensor]]:
@@ -40,7 +47,7 @@ def run(hidden, weight, target, bias=None, *, upstream=None, grads=True, **kw) -
     loss = fo.linear_objective_loss(h, w, target, b, **kw)
     out = {"loss": loss.detach()}
     if grads:
-        (loss * upstream).sum().backward() if upstream is not None else loss.backward()
+        (loss * upstream.to(loss.device)).sum().backward() if upstream is not None else loss.backward()
         out.update(dh=h.grad, dw=w.grad, db=b.grad if b is not None else None)
     return out
 
@@ -75,7 +82,7 @@ def naive_same_dtype(hidden, weight, target, bias=None, *, upstream=None, object
         denom = num_items_in_batch if num_items_in_batch is not None else (valid.sum() if normalize == "valid" else kept.sum())
         denom = torch.as_tensor(denom, dtype=per_tok.dtype)
         loss = per_tok.sum() / denom if denom > 0 else per_tok.sum() * 0
-    (loss * upstream).sum().backward() if upstream is not None else loss.backward()
+    (loss * upstream.to(loss.device)).sum().backward() if upstream is not None else loss.backward()
     return {"loss": loss.detach(), "dh": h.grad, "dw": w.grad, "db": b.grad if b is not None else None}
 
 

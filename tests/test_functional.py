@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import fused_objectives as fo
-from helpers import assert_no_worse, ground_truth, make_inputs, naive_same_dtype, run
+import helpers
+from helpers import assert_no_worse, device_for, ground_truth, make_inputs, naive_same_dtype, run
 
 ALL_SPECS = ["nll", "neg_p", "power:10", "neg_power:2", "nll_top:0.2", "nll_bottom:0.5", "neg_p_top:0.3",
              "neg_p_bottom:0.7", "unlikelihood_top:0.4", "unlikelihood_bottom:0.6", "dft"]
@@ -24,8 +25,11 @@ def check(backend, hidden, weight, target, bias=None, *, k=2.0, upstream=None, *
 
 
 @pytest.fixture(params=["reference", "fused"])
-def backend(request, fused_backend):
-    return "reference" if request.param == "reference" else fused_backend
+def backend(request, fused_backend, monkeypatch):
+    name = "reference" if request.param == "reference" else fused_backend
+    # make_inputs' tensors: CUDA for the Triton backends on a CUDA machine, else CPU
+    monkeypatch.setitem(helpers.DEFAULT_DEVICE, "device", device_for(name))
+    return name
 
 
 @pytest.mark.parametrize("spec", ALL_SPECS)
@@ -226,7 +230,7 @@ def test_argmax_ties_take_first_index(backend):
     # identical weight rows: every tie resolves to the lowest index, as torch.argmax does
     h, w, t, _ = make_inputs(N=6, H=8, V=70, ignore_frac=0.0)
     w = w[:1].repeat(70, 1)
-    t = torch.tensor([0, 1, 2, 0, 69, 0])
+    t = torch.tensor([0, 1, 2, 0, 69, 0], device=h.device)
     _, stats = fo.linear_objective_loss(h, w, t, backend=backend, return_stats=True)
     assert stats.accuracy.item() == pytest.approx(3 / 6)
 
@@ -246,7 +250,7 @@ def test_autocast_keeps_fp32_logits(backend):
     h, w, t, b = make_inputs(bias=True, peaked=4.0)
     plain = run(h, w, t, b, backend=backend, objective="neg_p")
     hh, ww, bb = (x.clone().requires_grad_() for x in (h, w, b))
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # the forward, as a Trainer runs it
+    with torch.autocast(h.device.type, dtype=torch.bfloat16):  # the forward, as a Trainer runs it
         loss = fo.linear_objective_loss(hh, ww, t, bb, backend=backend, objective="neg_p")
     loss.backward()
     auto = {"loss": loss.detach(), "dh": hh.grad, "dw": ww.grad, "db": bb.grad}

@@ -138,3 +138,88 @@ def test_callable_objective_and_bad_return():
 def test_repr_states_formula():
     assert "p^10" in repr(fo.get_objective("power:10"))
     assert "1[p >= 0.2]" in repr(fo.get_objective("nll_top:0.2"))
+
+
+# ---- the tests' own float64 truth (tests/truth.py) against independent computations ----------
+import torch.nn.functional as F  # noqa: E402
+
+import truth as T  # noqa: E402
+from helpers import make_inputs, naive_same_dtype  # noqa: E402
+
+
+@pytest.mark.parametrize("spec", list(FORMULAS))
+def test_truth_objectives_follow_the_formula_table(spec):
+    """The truth's objectives against this file's p-based formulas (values, kept mask, dLoss/dl)."""
+    loss_fn, weight_fn, gate_fn = FORMULAS[spec]
+    p = torch.tensor([1e-6, 0.01, 0.2, 0.3, 0.4, 0.5, 0.6, 0.9, 0.999], dtype=torch.float64)
+    l = p.log().requires_grad_()
+    per_tok, kept = T.per_token(spec, l, torch.ones_like(p, dtype=torch.bool))
+    want_kept = gate_fn(p) if gate_fn else torch.ones_like(p, dtype=torch.bool)
+    assert torch.equal(kept, want_kept)
+    torch.testing.assert_close(per_tok.detach(), torch.where(want_kept, loss_fn(p), 0.0), rtol=1e-12, atol=1e-12)
+    per_tok.sum().backward()
+    torch.testing.assert_close(l.grad, torch.where(want_kept, -weight_fn(p), 0.0), rtol=1e-9, atol=1e-12)
+
+
+def test_truth_nll_equals_cross_entropy_with_transforms():
+    """nll mean/sum/none with bias, scale, soft-cap and shift: F.cross_entropy on logits built by hand."""
+    h, w, t, b = make_inputs(lead=(3, 9), bias=True, peaked=4.0, device="cpu")
+    z = ((h.double() @ w.double().T + b.double()) * 0.7)
+    z = 5.0 * torch.tanh(z / 5.0)
+    tt = torch.cat([t[:, 1:], torch.full_like(t[:, :1], -100)], 1)
+    for reduction in ("mean", "sum", "none"):
+        want = F.cross_entropy(z.reshape(-1, z.shape[-1]), tt.reshape(-1), ignore_index=-100, reduction=reduction)
+        got = T.truth(h, w, t, b, objective="nll", reduction=reduction, softcap=5.0, logit_scale=0.7, shift=True,
+                      grads=False)["loss"]
+        torch.testing.assert_close(got.reshape(-1) if reduction == "none" else got,
+                                   want.reshape(-1) if reduction == "none" else want, rtol=1e-12, atol=1e-12)
+
+
+def test_truth_normalisations_and_gradients_by_hand():
+    """kept / valid / num_items denominators, the empty case, and dLoss/dz = c (onehot - softmax)."""
+    h, w, t, _ = make_inputs(N=30, peaked=6.0, device="cpu")
+    d = T.truth(h, w, t, objective="nll_top:0.3", reduction="none", grads=False, details=True)
+    per, kept, valid = d["loss"], d["kept"], d["valid"]
+    assert 0 < kept.sum() < valid.sum()
+    for normalize, denom in (("valid", valid.sum()), ("kept", kept.sum())):
+        got = T.truth(h, w, t, objective="nll_top:0.3", normalize=normalize, grads=False)["loss"]
+        torch.testing.assert_close(got, per.sum() / denom, rtol=1e-14, atol=0)
+    got = T.truth(h, w, t, objective="nll_top:0.3", num_items_in_batch=7, grads=False)["loss"]
+    torch.testing.assert_close(got, per.sum() / 7, rtol=1e-14, atol=0)
+    empty = T.truth(h, w, t, objective="nll_top:1.0", normalize="kept")
+    assert empty["loss"].item() == 0 and torch.all(empty["dw"] == 0)
+    # gradient on the logits by the formula: dh = sum_j dz_j w_j with dz = c (onehot - softmax) / n
+    out = T.truth(h, w, t, objective="neg_p")
+    z = h.double() @ w.double().T
+    sm = torch.softmax(z, -1)
+    tv = torch.where(valid, t, 0)
+    p = sm.gather(1, tv[:, None])[:, 0]
+    c = torch.where(valid, -p, 0.0) / valid.sum()  # d(1 - p)/dl = -p
+    dz = c[:, None] * (F.one_hot(tv, z.shape[1]).double() - sm)
+    torch.testing.assert_close(out["dh"], dz @ w.double(), rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(out["dw"], dz.T @ h.double(), rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("spec", ["nll", "neg_p", "power:10", "neg_power:2", "nll_top:0.3", "neg_p_bottom:0.6",
+                                  "unlikelihood_top:0.4", "dft"])
+@pytest.mark.parametrize("opts", [dict(), dict(reduction="sum", softcap=12.0), dict(normalize="kept", logit_scale=0.6),
+                                  dict(reduction="none", shift=True)], ids=["mean", "sum-softcap", "kept-scale",
+                                                                             "none-shift"])
+def test_truth_agrees_with_naive_fp32(spec, opts):
+    """Where both apply (fp32 inputs, tokens not at a gate's edge), the float64 truth and the naive
+    same-dtype computation agree to fp32 accuracy: neither has a formula the other lacks."""
+    h, w, t, b = make_inputs(lead=(2, 17), bias=True, peaked=5.0, device="cpu")
+    if opts.get("shift"):
+        # hidden[t] is peaked toward target[t]: move the targets one step later, so that after the
+        # shift each position predicts its own peaked target again (gates then keep tokens)
+        t = torch.cat([torch.full_like(t[:, :1], -100), t[:, :-1]], 1)
+    up = torch.randn(t.shape) if opts.get("reduction") == "none" else None
+    want = T.truth(h, w, t, b, objective=spec, upstream=up, **opts)
+    got = naive_same_dtype(h, w, t, b, objective=spec, upstream=up, **opts)
+    for key in ("loss", "dh", "dw", "db"):
+        scale = want[key].abs().max().item()
+        assert scale > 0, key
+        err = (got[key].double() - want[key]).abs().max().item()
+        # naive fp32 loses digits near p = 1 (1 - p by subtraction; unlikelihood divides by 1 - p + 1e-3):
+        # measured up to 1.2e-4 of the scale; a wrong formula or reduction is off by far more
+        assert err <= 5e-4 * scale, f"{key}: naive fp32 vs truth {err:.2e} (scale {scale:.2e})"

@@ -138,7 +138,7 @@ def truth(hidden, weight, target, bias=None, *, objective: Spec = "nll", reducti
         raise ValueError(reduction)
     out = {"loss": loss.detach()}
     if grads:
-        (loss * upstream.double()).sum().backward() if upstream is not None else loss.backward()
+        (loss * upstream.to(loss.device, torch.float64)).sum().backward() if upstream is not None else loss.backward()
         out.update(dh=h.grad, dw=w.grad, db=b.grad if b is not None else None)
     if details:
         out.update(logp=l.detach(), valid=valid, kept=kept)
