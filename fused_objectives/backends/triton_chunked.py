@@ -49,6 +49,11 @@ benchmarks/results/triton_dw_accumulation.txt; N=4096, H=512, V=8192): normwise 
 llama3-8b head, 17% of eager: far over the 2% goal).  ``DW_ACCUMULATE = "fp32"`` (or
 ``FUSED_OBJECTIVES_DW_ACCUMULATE=fp32``) selects the fp32 buffer; its adds go through bounded
 vocabulary slabs (``DW_FP32_SLAB_BYTES``) of ``dz^T @ X_c`` products.
+
+**fp16** inputs take the scalar path in fp32 (an fp32 copy of W, fp32 chunk buffer, GEMMs, dX and
+dW): the stored gradients are multiplied by the upstream scalar (the mean's ``1/n``, a loss
+scaler's factor) only in the backward, and before that ``c * p`` underflows fp16's range for small
+coefficients (a GradScaler could not rescue it).  bf16 has fp32's range and stays in bf16.
 """
 from __future__ import annotations
 
@@ -260,6 +265,10 @@ class TritonChunkedBackend:
         V = weight.shape[0]
         dev, dt = hidden.device, hidden.dtype
         f32 = torch.float32
+        if dt == torch.float16:
+            # the stored gradients wait for the upstream scalar (a loss scaler's factor) until the
+            # backward: in fp16's range c * p underflows first (dz < 6e-8), so fp16 works in fp32
+            weight, dt = weight.float(), f32
         compact = not sync_free(dev)
         logp_all = torch.zeros(N, dtype=f32, device=dev)
         kept_all = torch.zeros(N, dtype=torch.bool, device=dev)
@@ -268,7 +277,8 @@ class TritonChunkedBackend:
         # compacted rows never write the ignored ones: those need zeros; sync-free writes every row
         alloc = torch.zeros if compact else torch.empty
         dx = alloc(N, H, dtype=dt, device=dev) if need_dx else None
-        dw_fp32 = need_dw and dt != f32 and dw_accumulate() == "fp32"
+        mode = dw_accumulate()
+        dw_fp32 = need_dw and dt != f32 and mode == "fp32"
         dw = torch.zeros(V, H, dtype=f32 if dw_fp32 else dt, device=dev) if need_dw else None
         db = torch.zeros(V, dtype=f32, device=dev) if need_db else None
 
@@ -276,7 +286,7 @@ class TritonChunkedBackend:
         rows = min(max(sel_rows.count, 1), chunk_rows(V, dt))
         buf = torch.empty(rows, V, dtype=dt, device=dev) if sel_rows.count else None
         for sel, n in sel_rows.chunks(rows):
-            x = sel_rows.hidden(hidden, sel)
+            x = sel_rows.hidden(hidden, sel).to(dt)
             t = sel_rows.take(target, sel)
             v = sel_rows.take(valid, sel)
             z, m, log_norm, logp, amax = _row_pass(x, weight, bias, t, opts, buf)
