@@ -286,12 +286,58 @@ def test_gate_rejects_planted_bugs(case, monkeypatch):
         assert not ok, f"the gate accepted a planted bug ({name}): {errs}"
 
 
-def test_summary_goals(every_provider):
+def _summarize():
     spec = importlib.util.spec_from_file_location("summarize", ROOT / "benchmarks" / "summarize.py")
     summarize = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(summarize)
+    return summarize
+
+
+def _goal_rec(provider, t, status="ok", ignored=0.0, extra=None):
+    return {"provider": provider, "preset": "p", "tokens": 8192, "objective": "neg_p", "ignored_fraction": ignored,
+            "pass": "fwd_bwd", "status": status, "time_ms": t, "extra_mem_mb": extra}
+
+
+def test_summary_goals_verdicts():
+    """Each goal's value and verdict from records with known times and memory."""
+    summarize = _summarize()
+
+    def verdicts(recs):
+        return {name.split(": ", 1)[1]: (value, v) for name, value, v in summarize.goals({"records": recs})}
+
+    base = [_goal_rec("bare_gemm", 100.0), _goal_rec("reference", 300.0, extra=1000.0)]
+    good = verdicts(base + [_goal_rec("fused", 110.0, extra=10.0), _goal_rec("liger", 400.0),
+                            _goal_rec("fused", 60.0, ignored=0.5)])
+    assert good == {"fused / bare GEMMs <= 1.15": ("1.1", "PASS"), "liger / fused >= 3": ("3.64", "PASS"),
+                    "fused extra memory / reference's <= 0.02": ("0.01", "PASS"),
+                    "fused 50% ignored / all valid <= 0.6": ("0.545", "PASS")}
+    bad = verdicts(base + [_goal_rec("fused", 120.0, extra=30.0), _goal_rec("liger", 300.0),
+                           _goal_rec("fused", 90.0, ignored=0.5)])
+    assert {k: v for k, (_, v) in bad.items()} == dict.fromkeys(good, "FAIL")
+    assert bad["fused / bare GEMMs <= 1.15"][0] == "1.2"
+    # liger skipped: its goal is not judged; a wrong fused result fails every goal
+    skipped = verdicts(base + [_goal_rec("fused", 110.0, extra=10.0), _goal_rec("liger", None, status="skipped")])
+    assert skipped["liger / fused >= 3"] == ("missing", "n/a")
+    assert skipped["fused 50% ignored / all valid <= 0.6"] == ("missing", "n/a")
+    wrong = verdicts(base + [_goal_rec("fused", 50.0, status="wrong", extra=1.0), _goal_rec("liger", 400.0)])
+    assert all(v == ("fused is wrong", "FAIL") for v in wrong.values())
+
+
+def test_summary_goals(every_provider):
+    """On the CPU sweep: the goal values are the records' own ratios."""
+    summarize = _summarize()
     data = every_provider[0]
     rows = summarize.goals(data)
-    assert rows and {v for _, _, v in rows} <= {"PASS", "FAIL", "n/a"}
-    assert any("liger" in name and v == "n/a" for name, _, v in rows)  # liger skipped here
+    recs = {(r["provider"], r["tokens"], r["ignored_fraction"]): r for r in data["records"]
+            if r["pass"] == "fwd_bwd" and r["objective"] == "neg_p"}
+    n = max(t for _, t, _ in recs)
+    fused, gemm = recs[("fused", n, 0.0)], recs[("bare_gemm", n, 0.0)]
+    by = {name.split(": ", 1)[1]: (value, v) for name, value, v in rows}
+    value, verdict = by["fused / bare GEMMs <= 1.15"]
+    assert float(value) == pytest.approx(fused["time_ms"] / gemm["time_ms"], rel=6e-3)
+    assert verdict == ("PASS" if float(value) <= 1.15 else "FAIL")
+    assert by["liger / fused >= 3"] == ("missing", "n/a")  # liger cannot run here
+    half = recs[("fused", n, 0.5)]
+    assert float(by["fused 50% ignored / all valid <= 0.6"][0]) == pytest.approx(
+        half["time_ms"] / fused["time_ms"], rel=6e-3)
     assert "fused ms" in summarize.table(data) and "| preset |" in summarize.table(data, markdown=True)
