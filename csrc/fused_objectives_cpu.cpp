@@ -3,10 +3,17 @@
 //                  argmax of z = transform(x W^T + b), merged online over vocabulary chunks;
 //   grad_backward: dX, dW, db of sum_i coef_i * logp_i, recomputing z chunk by chunk.
 //
-// Design: the vocabulary is walked in chunks of `chunk_cols` rows of W (outer loop, so a non-fp32
-// weight chunk is upcast once), the active tokens in chunks of `chunk_rows` (inner loop).  Each
-// [rows, cols] logits tile is one ATen GEMM (MKL/oneDNN, multi-threaded) into a reusable fp32
-// buffer, followed by one fused, row-parallel epilogue pass (at::parallel_for).  The tile sizes
+//   chunk_stats / chunk_grad_: the same two epilogues on one [rows, V] logits tile the caller
+//                  computed (fused_objectives/backends/chunked.py: gradients in the forward).
+//
+// Design: the vocabulary is walked in chunks of `chunk_cols` rows of W (outer loop, so a weight
+// chunk is converted once), the active tokens in chunks of `chunk_rows` (inner loop).  Each
+// [rows, cols] logits tile is one ATen GEMM (MKL/oneDNN, multi-threaded) into a reusable buffer,
+// followed by one fused, row-parallel epilogue pass (at::parallel_for).  GEMM dtype: fp32, or with
+// `half_gemm` and bf16/fp16 inputs of one dtype, that dtype (oneDNN's half-precision kernels,
+// fp32 accumulation inside; the caller decides per dtype whether they are faster here).  Row
+// statistics and the epilogue are fp32 either way; dz is rounded to the GEMM dtype for the dX /
+// dW GEMMs, whose per-chunk products are accumulated in fp32.  The tile sizes
 // come from the Python planner (fused_objectives/backends/cpu.py) and bound every buffer here, so
 // memory never grows with N * V.  Tokens that are not active (invalid in the forward, zero
 // coefficient in the backward) are gathered away before any GEMM.  Results do not depend on the
@@ -16,6 +23,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -23,11 +31,25 @@
 #include <optional>
 #include <tuple>
 #include <type_traits>
+#include <vector>
 
 namespace fused_objectives_cpu {
 namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// The library is built with -ffp-contract=off: the compiler never fuses a multiply and an add, so
+// a logit recomputed in the backward ((raw + b) * scale, then minus the row max) rounds exactly
+// as the forward's did; with contraction, raw * scale - m became one FMA there and not here,
+// which at logit_scale 1e6 moved probabilities by tens of percent.  Only the polynomial below
+// asks for FMAs explicitly (identical in every loop that inlines it).
+inline float madd(float a, float b, float c) {
+#if defined(__FMA__) || defined(__aarch64__)
+  return std::fma(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
 
 // exp(x) to ~2 ulp, branch-free so the loops that call it vectorise; NaN propagates, exp(-inf) = 0.
 inline float fast_exp(float x) {
@@ -35,15 +57,15 @@ inline float fast_exp(float x) {
   // round to nearest by the 1.5 * 2^23 trick (|xc * log2 e| < 2^22): no libm call, vectorises
   const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   // two-constant Cody-Waite reduction: r = xc - n ln2, |r| <= ln2 / 2
-  float r = xc - n * 0.693359375f;
-  r = r + n * 2.12194440e-4f;
+  float r = madd(n, -0.693359375f, xc);
+  r = madd(n, 2.12194440e-4f, r);
   float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
+  p = madd(p, r, 1.3981999507e-3f);
+  p = madd(p, r, 8.3334519073e-3f);
+  p = madd(p, r, 4.1665795894e-2f);
+  p = madd(p, r, 1.6666665459e-1f);
+  p = madd(p, r, 5.0000001201e-1f);
+  p = madd(p * r, r, r) + 1.0f;
   int32_t bits;
   const int32_t e = static_cast<int32_t>(n) + 127;
   bits = e << 23;
@@ -55,18 +77,35 @@ inline float fast_exp(float x) {
   return x != x ? x : y;
 }
 
-// tanh(a) via exp(-2|a|): finite for every a, odd-symmetric.
-inline float fast_tanh(float a) {
-  const float e = fast_exp(-2.0f * std::fabs(a));
-  const float t = (1.0f - e) / (1.0f + e);
-  return a < 0.0f ? -t : t;
+// The soft-cap's tanh, to a few ulp over the whole range and branch-free (the loops calling it
+// stay vectorised): for |a| < 0.5 the odd Taylor series through a^17 (truncation < 1e-9
+// relative), else 1 - 2 / (exp(2|a|) + 1), which has no cancellation there (t >= 0.46).  The
+// former (1 - e) / (1 + e) with e = exp(-2|a|) cancelled for small |a|: at softcap 1e8 the logits
+// lost all their digits.
+inline float cap_tanh(float a) {
+  const float x = std::fabs(a);
+  const float x2 = x * x;
+  float p = 5.9002744095e-4f;
+  p = madd(p, x2, -1.4558343871e-3f);
+  p = madd(p, x2, 3.5921280366e-3f);
+  p = madd(p, x2, -8.8632355299e-3f);
+  p = madd(p, x2, 2.1869488536e-2f);
+  p = madd(p, x2, -5.3968253968e-2f);
+  p = madd(p, x2, 1.3333333333e-1f);
+  p = madd(p, x2, -3.3333333333e-1f);
+  const float small = madd(x * x2, p, x);
+  const float large = 1.0f - 2.0f / (fast_exp(2.0f * x) + 1.0f);
+  const float t = x < 0.5f ? small : large;  // NaN takes `large`, which is NaN
+  return std::copysign(t, a);
 }
+
+template <typename T>
+inline float to_f(T v) { return static_cast<float>(v); }
 
 struct Transform {
   const float* bias;  // fp32 [V] or nullptr
   float scale;        // 1 when unset
   float cap;          // 0 when unset
-  float inv_cap;
 };
 
 // z = cap * tanh(((raw + b) * scale) / cap); returns t = tanh(...) through `t` when capped.
@@ -76,7 +115,7 @@ inline float apply_transform(float raw, const float* b, int64_t j, const Transfo
   if (kBias) a += b[j];
   if (kScale) a *= tr.scale;
   if (kCap) {
-    *t = fast_tanh(a * tr.inv_cap);
+    *t = cap_tanh(a / tr.cap);
     a = tr.cap * *t;
   }
   return a;
@@ -93,24 +132,53 @@ struct FwdState {
   const int64_t* target;  // per active row
 };
 
-template <bool kBias, bool kScale, bool kCap>
-void forward_epilogue(float* z, int64_t rows, int64_t cols, int64_t row0, int64_t v0,
+// sum over j in [0, n) of exp(z[j] - shift), in a fixed vector-lane order (independent of threads)
+inline float sum_exp(const float* z, int64_t n, float shift) {
+  float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < n; ++j) s += fast_exp(z[j] - shift);
+  return s;
+}
+
+// Transformed fp32 logits of one row: the raw row itself (fp32, no transform) or `scratch`.
+template <typename T, bool kBias, bool kScale, bool kCap>
+inline const float* row_logits(const T* raw, int64_t cols, const float* b, const Transform& tr, float* scratch,
+                               float* row_max) {
+  float tmax = kNegInf;
+  // NaN is skipped by the max (as torch.argmax on the GPU) and reaches the sum later
+  if constexpr (std::is_same<T, float>::value && !kBias && !kScale && !kCap) {
+#pragma omp simd reduction(max : tmax)
+    for (int64_t j = 0; j < cols; ++j) tmax = raw[j] > tmax ? raw[j] : tmax;
+    *row_max = tmax;
+    return raw;
+  } else {
+    // one pass: convert, transform, max (vectorised unless the soft-cap's libm tanh is in it)
+#pragma omp simd reduction(max : tmax)
+    for (int64_t j = 0; j < cols; ++j) {
+      float unused;
+      const float v = apply_transform<kBias, kScale, kCap>(to_f(raw[j]), b, j, tr, &unused);
+      scratch[j] = v;
+      tmax = v > tmax ? v : tmax;
+    }
+    *row_max = tmax;
+    return scratch;
+  }
+}
+
+// Merges a [rows, cols] tile of raw logits (columns v0.., active rows row0..) into the softmax
+// state.  The tile is read only.
+template <typename T, bool kBias, bool kScale, bool kCap>
+void forward_epilogue(const T* z, int64_t rows, int64_t cols, int64_t row0, int64_t v0,
                       const Transform& tr, FwdState st) {
   const float* b = kBias ? tr.bias + v0 : nullptr;
+  constexpr bool kDirect = std::is_same<T, float>::value && !kBias && !kScale && !kCap;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(cols, 1));
   at::parallel_for(0, rows, grain, [&](int64_t lo, int64_t hi) {
+    std::vector<float> scratch(kDirect ? 0 : cols);
     for (int64_t r = lo; r < hi; ++r) {
-      float* zr = z + r * cols;
       const int64_t i = row0 + r;
-      float unused;
-      if (kBias || kScale || kCap) {
-        for (int64_t j = 0; j < cols; ++j) zr[j] = apply_transform<kBias, kScale, kCap>(zr[j], b, j, tr, &unused);
-      }
-      // tile max; NaN is skipped here (as torch.argmax on the GPU) and reaches the sum below
-      float tmax = kNegInf;
-#pragma omp simd reduction(max : tmax)
-      for (int64_t j = 0; j < cols; ++j) tmax = zr[j] > tmax ? zr[j] : tmax;
-
+      float tmax;
+      const float* zr = row_logits<T, kBias, kScale, kCap>(z + r * cols, cols, b, tr, scratch.data(), &tmax);
       const float m_old = st.m[i];
       // strict '>' here and the first-match scan keep the first index of a tie, as torch.argmax does
       const bool new_max = tmax > m_old;
@@ -122,13 +190,10 @@ void forward_epilogue(float* z, int64_t rows, int64_t cols, int64_t row0, int64_
       }
       const int64_t y = st.target[i] - v0;
       if (y >= 0 && y < cols) st.tlogit[i] = zr[y];
-      // the new argmax's term (exactly 1) stays out of the sum
-      if (a >= 0) zr[a] = kNegInf;
       const float shift = m_new == kNegInf ? 0.0f : m_new;
-      // a fixed vector-lane order: the sum does not depend on the thread count
-      float tsum = 0.0f;
-#pragma omp simd reduction(+ : tsum)
-      for (int64_t j = 0; j < cols; ++j) tsum += fast_exp(zr[j] - shift);
+      // the new argmax's term (exactly 1) stays out of the sum
+      const float tsum = a >= 0 ? sum_exp(zr, a, shift) + sum_exp(zr + a + 1, cols - a - 1, shift)
+                                : sum_exp(zr, cols, shift);
       if (new_max) {
         st.rest[i] = (m_old == kNegInf ? 0.0f : (st.rest[i] + 1.0f) * std::exp(m_old - m_new)) + tsum;
         st.amax[i] = v0 + a;
@@ -140,38 +205,38 @@ void forward_epilogue(float* z, int64_t rows, int64_t cols, int64_t row0, int64_
   });
 }
 
-// In place: z -> dz = coef * (onehot - softmax) * d(transform), with d = scale * (1 - tanh^2).
-// p = exp((z - m) - log_norm) from the forward's state; at the target, 1 - p = -expm1(logp) comes
-// from the forward's log p: near p = 1 it is all cancellation, and a recomputed logit one rounding
-// away from the forward's would change it by percents.
-template <bool kBias, bool kScale, bool kCap>
-void backward_epilogue(float* z, int64_t rows, int64_t cols, int64_t v0, const Transform& tr,
+// In place: raw logits z -> dz = coef * (onehot - softmax) * d(transform), d = scale * (1 - tanh^2),
+// rounded to T.  p = exp((z - m) - log_norm) from the forward's state; at the target, 1 - p =
+// -expm1(logp) comes from the forward's log p: near p = 1 it is all cancellation, and a recomputed
+// logit one rounding away from the forward's would change it by percents.
+template <typename T, bool kBias, bool kScale, bool kCap>
+void backward_epilogue(T* z, int64_t rows, int64_t cols, int64_t v0, const Transform& tr,
                        const float* row_max, const float* log_norm, const float* logp, const float* coef,
                        const int64_t* target) {
   const float* b = kBias ? tr.bias + v0 : nullptr;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(cols, 1));
   at::parallel_for(0, rows, grain, [&](int64_t lo, int64_t hi) {
     for (int64_t r = lo; r < hi; ++r) {
-      float* zr = z + r * cols;
+      T* zr = z + r * cols;
       const float c = coef[r];
       const float m = row_max[r];
       const float ln = log_norm[r];
       const int64_t y = target[r] - v0;
       const bool has_y = y >= 0 && y < cols;
-      const float raw_y = has_y ? zr[y] : 0.0f;
+      const float raw_y = has_y ? to_f(zr[y]) : 0.0f;
       for (int64_t j = 0; j < cols; ++j) {
         float t = 0.0f;
-        const float zz = apply_transform<kBias, kScale, kCap>(zr[j], b, j, tr, &t);
+        const float zz = apply_transform<kBias, kScale, kCap>(to_f(zr[j]), b, j, tr, &t);
         float d = kScale ? tr.scale : 1.0f;
         if (kCap) d *= 1.0f - t * t;
-        zr[j] = -c * fast_exp((zz - m) - ln) * d;
+        zr[j] = static_cast<T>(-c * fast_exp((zz - m) - ln) * d);
       }
       if (has_y) {
         float t = 0.0f;
         (void)apply_transform<kBias, kScale, kCap>(raw_y, b, y, tr, &t);
         float d = kScale ? tr.scale : 1.0f;
         if (kCap) d *= 1.0f - t * t;
-        zr[y] = c * -std::expm1(logp[r]) * d;
+        zr[y] = static_cast<T>(c * -std::expm1(logp[r]) * d);
       }
     }
   });
@@ -195,24 +260,37 @@ void dispatch_transform(const Transform& tr, F&& f) {
 }
 
 // db[v0 + j] += sum over rows of g[r, j]; columns are split among threads, rows summed in order.
-void add_column_sums(const float* g, int64_t rows, int64_t cols, float* db) {
+template <typename T>
+void add_column_sums(const T* g, int64_t rows, int64_t cols, float* db) {
   at::parallel_for(0, cols, 256, [&](int64_t lo, int64_t hi) {
     for (int64_t r = 0; r < rows; ++r) {
-      const float* gr = g + r * cols;
-      for (int64_t j = lo; j < hi; ++j) db[j] += gr[j];
+      const T* gr = g + r * cols;
+      for (int64_t j = lo; j < hi; ++j) db[j] += to_f(gr[j]);
     }
   });
 }
 
 // dst[idx[r]] += src[r] for rows r; idx holds distinct rows, so threads never collide.
-void scatter_add_rows(const float* src, int64_t rows, int64_t H, const int64_t* idx, float* dst) {
+template <typename T>
+void scatter_add_rows(const T* src, int64_t rows, int64_t H, const int64_t* idx, float* dst) {
   at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(H, 1)), [&](int64_t lo, int64_t hi) {
     for (int64_t r = lo; r < hi; ++r) {
       float* d = dst + idx[r] * H;
-      const float* s = src + r * H;
-      for (int64_t h = 0; h < H; ++h) d[h] += s[h];
+      const T* s = src + r * H;
+      for (int64_t h = 0; h < H; ++h) d[h] += to_f(s[h]);
     }
   });
+}
+
+// Calls f(T()) with T the C++ type of an fp32 / bf16 / fp16 tensor.
+template <typename F>
+void dispatch_dtype(at::ScalarType st, F&& f) {
+  switch (st) {
+    case at::kFloat: f(float()); break;
+    case at::kBFloat16: f(at::BFloat16()); break;
+    case at::kHalf: f(at::Half()); break;
+    default: TORCH_CHECK(false, "fused_objectives CPU kernels: unsupported dtype ", st);
+  }
 }
 
 Transform make_transform(const std::optional<at::Tensor>& bias_f, std::optional<double> logit_scale,
@@ -221,7 +299,6 @@ Transform make_transform(const std::optional<at::Tensor>& bias_f, std::optional<
   tr.bias = bias_f.has_value() ? bias_f->data_ptr<float>() : nullptr;
   tr.scale = logit_scale.has_value() ? static_cast<float>(*logit_scale) : 1.0f;
   tr.cap = softcap.has_value() ? static_cast<float>(*softcap) : 0.0f;
-  tr.inv_cap = softcap.has_value() ? 1.0f / tr.cap : 0.0f;
   return tr;
 }
 
@@ -237,28 +314,37 @@ void check_common(const at::Tensor& hidden, const at::Tensor& weight, const std:
   TORCH_CHECK(chunk_rows > 0 && chunk_cols > 0, "chunk sizes must be positive");
 }
 
-// Rows [r0, r0 + rows) of the active tokens as an fp32 [rows, H] matrix: a view of `hidden` when
-// possible (fp32, every token active), else gathered and upcast into `xbuf`.
-bool direct_rows(const at::Tensor& hidden, bool identity) {
-  return identity && hidden.scalar_type() == at::kFloat && hidden.stride(1) == 1;
+// The GEMM dtype: the inputs' half-precision dtype when asked for and both share it, else fp32.
+at::ScalarType gemm_dtype(const at::Tensor& hidden, const at::Tensor& weight, bool half_gemm) {
+  const auto st = hidden.scalar_type();
+  if (half_gemm && st == weight.scalar_type() && (st == at::kBFloat16 || st == at::kHalf)) return st;
+  return at::kFloat;
+}
+
+// Rows [r0, r0 + rows) of the active tokens as a [rows, H] matrix of the GEMM dtype: a view of
+// `hidden` when possible (that dtype, every token active), else gathered / converted into `xbuf`.
+bool direct_rows(const at::Tensor& hidden, bool identity, at::ScalarType cdt) {
+  return identity && hidden.scalar_type() == cdt && hidden.stride(1) == 1;
 }
 
 at::Tensor token_chunk(const at::Tensor& hidden, const at::Tensor& idx, bool identity, int64_t r0, int64_t rows,
                        at::Tensor& xbuf) {
   const int64_t H = hidden.size(1);
-  if (direct_rows(hidden, identity)) return hidden.narrow(0, r0, rows);
+  if (direct_rows(hidden, identity, xbuf.scalar_type())) return hidden.narrow(0, r0, rows);
   at::Tensor dst = xbuf.narrow(0, 0, rows * H).view({rows, H});
   if (identity) dst.copy_(hidden.narrow(0, r0, rows));
   else dst.copy_(hidden.index_select(0, idx.narrow(0, r0, rows)));
   return dst;
 }
 
-// Rows [v0, v0 + cols) of the weight as fp32 [cols, H]: a view when fp32, else upcast into `wbuf`.
-bool direct_cols(const at::Tensor& weight) { return weight.scalar_type() == at::kFloat && weight.stride(1) == 1; }
+// Rows [v0, v0 + cols) of the weight as [cols, H] of the GEMM dtype: a view, or converted into `wbuf`.
+bool direct_cols(const at::Tensor& weight, at::ScalarType cdt) {
+  return weight.scalar_type() == cdt && weight.stride(1) == 1;
+}
 
 at::Tensor vocab_chunk(const at::Tensor& weight, int64_t v0, int64_t cols, at::Tensor& wbuf) {
   const int64_t H = weight.size(1);
-  if (direct_cols(weight)) return weight.narrow(0, v0, cols);
+  if (direct_cols(weight, wbuf.scalar_type())) return weight.narrow(0, v0, cols);
   at::Tensor dst = wbuf.narrow(0, 0, cols * H).view({cols, H});
   dst.copy_(weight.narrow(0, v0, cols));
   return dst;
@@ -269,12 +355,14 @@ at::Tensor vocab_chunk(const at::Tensor& weight, int64_t v0, int64_t cols, at::T
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_forward(
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& target, const at::Tensor& valid, std::optional<double> logit_scale,
-    std::optional<double> softcap, int64_t chunk_rows, int64_t chunk_cols) {
+    std::optional<double> softcap, int64_t chunk_rows, int64_t chunk_cols, bool half_gemm) {
   check_common(hidden, weight, bias, target, chunk_rows, chunk_cols);
   TORCH_CHECK(valid.dim() == 1 && valid.size(0) == hidden.size(0) && valid.scalar_type() == at::kBool,
               "valid must be bool [N]");
   const int64_t N = hidden.size(0), H = hidden.size(1), V = weight.size(0);
   const auto f32 = hidden.options().dtype(at::kFloat);
+  const at::ScalarType cdt = gemm_dtype(hidden, weight, half_gemm);
+  const auto copt = hidden.options().dtype(cdt);
   at::Tensor idx = valid.nonzero().view({-1});
   const int64_t Na = idx.size(0);
   const bool identity = Na == N;
@@ -292,9 +380,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_forward(
   const Transform tr = make_transform(bias_f, logit_scale, softcap);
 
   const int64_t R = std::min(chunk_rows, Na), C = std::min(chunk_cols, V);
-  at::Tensor zbuf = at::empty({R * C}, f32);
-  at::Tensor xbuf = at::empty({direct_rows(hidden, identity) ? 0 : R * H}, f32);
-  at::Tensor wbuf = at::empty({direct_cols(weight) ? 0 : C * H}, f32);
+  at::Tensor zbuf = at::empty({R * C}, copt);
+  at::Tensor xbuf = at::empty({direct_rows(hidden, identity, cdt) ? 0 : R * H}, copt);
+  at::Tensor wbuf = at::empty({direct_cols(weight, cdt) ? 0 : C * H}, copt);
   FwdState st{m.data_ptr<float>(), rest.data_ptr<float>(), am.data_ptr<int64_t>(), tl.data_ptr<float>(),
               tgt.data_ptr<int64_t>()};
   for (int64_t v0 = 0; v0 < V; v0 += C) {
@@ -305,9 +393,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_forward(
       at::Tensor x = token_chunk(hidden, idx, identity, r0, rows, xbuf);
       at::Tensor z = zbuf.narrow(0, 0, rows * cols).view({rows, cols});
       at::mm_out(z, x, w.t());  // [rows, cols] logits
-      dispatch_transform(tr, [&](auto fb, auto fs, auto fk) {
-        forward_epilogue<decltype(fb)::value, decltype(fs)::value, decltype(fk)::value>(
-            z.data_ptr<float>(), rows, cols, r0, v0, tr, st);
+      dispatch_dtype(cdt, [&](auto tz) {
+        using T = decltype(tz);
+        dispatch_transform(tr, [&](auto fb, auto fs, auto fk) {
+          forward_epilogue<T, decltype(fb)::value, decltype(fs)::value, decltype(fk)::value>(
+              static_cast<const T*>(z.data_ptr()), rows, cols, r0, v0, tr, st);
+        });
       });
     }
   }
@@ -326,7 +417,7 @@ std::tuple<OptTensor, OptTensor, OptTensor> grad_backward(
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& target, const at::Tensor& state, const at::Tensor& coef, std::optional<double> logit_scale,
     std::optional<double> softcap, bool need_dx, bool need_dw, bool need_db, int64_t chunk_rows,
-    int64_t chunk_cols) {
+    int64_t chunk_cols, bool half_gemm) {
   check_common(hidden, weight, bias, target, chunk_rows, chunk_cols);
   TORCH_CHECK(state.dim() == 2 && state.size(0) == 3 && state.size(1) == hidden.size(0) &&
               state.scalar_type() == at::kFloat, "state must be the forward's fp32 [3, N]");
@@ -334,6 +425,9 @@ std::tuple<OptTensor, OptTensor, OptTensor> grad_backward(
   TORCH_CHECK(!need_db || bias.has_value(), "need_db without a bias");
   const int64_t N = hidden.size(0), H = hidden.size(1), V = weight.size(0);
   const auto f32 = hidden.options().dtype(at::kFloat);
+  const at::ScalarType cdt = gemm_dtype(hidden, weight, half_gemm);
+  const auto copt = hidden.options().dtype(cdt);
+  const bool c32 = cdt == at::kFloat;
   const bool x32 = hidden.scalar_type() == at::kFloat, w32 = weight.scalar_type() == at::kFloat;
 
   at::Tensor dx_acc, dw, db_acc;
@@ -355,12 +449,14 @@ std::tuple<OptTensor, OptTensor, OptTensor> grad_backward(
     const Transform tr = make_transform(bias_f, logit_scale, softcap);
 
     const int64_t R = std::min(chunk_rows, Na), C = std::min(chunk_cols, V);
-    at::Tensor zbuf = at::empty({R * C}, f32);
-    at::Tensor xbuf = at::empty({direct_rows(hidden, identity) ? 0 : R * H}, f32);
-    at::Tensor wbuf = at::empty({direct_cols(weight) ? 0 : C * H}, f32);
-    // dX of a gathered chunk goes through this buffer, then to its rows
-    at::Tensor tbuf = at::empty({(need_dx && !identity) ? R * H : 0}, f32);
+    at::Tensor zbuf = at::empty({R * C}, copt);
+    at::Tensor xbuf = at::empty({direct_rows(hidden, identity, cdt) ? 0 : R * H}, copt);
+    at::Tensor wbuf = at::empty({direct_cols(weight, cdt) ? 0 : C * H}, copt);
+    // dX of a chunk goes through this buffer (gathered rows, or a half-precision product), then to its rows
+    at::Tensor tbuf = at::empty({(need_dx && (!identity || !c32)) ? R * H : 0}, copt);
+    // an fp32 dW slab per vocabulary chunk (weights not fp32), and a half-precision product buffer
     at::Tensor dwbuf = at::empty({(need_dw && !w32) ? C * H : 0}, f32);
+    at::Tensor pbuf = at::empty({(need_dw && !c32) ? C * H : 0}, copt);
     const int64_t* idx_p = idx.data_ptr<int64_t>();
     for (int64_t v0 = 0; v0 < V; v0 += C) {
       const int64_t cols = std::min(C, V - v0);
@@ -379,23 +475,35 @@ std::tuple<OptTensor, OptTensor, OptTensor> grad_backward(
         at::Tensor x = token_chunk(hidden, idx, identity, r0, rows, xbuf);
         at::Tensor g = zbuf.narrow(0, 0, rows * cols).view({rows, cols});
         at::mm_out(g, x, w.t());  // logits, then in place their gradient
-        dispatch_transform(tr, [&](auto b, auto sc, auto k) {
-          backward_epilogue<decltype(b)::value, decltype(sc)::value, decltype(k)::value>(
-              g.data_ptr<float>(), rows, cols, v0, tr, m_p + r0, m_p + Na + r0, m_p + 2 * Na + r0,
-              coef_a.data_ptr<float>() + r0, tgt.data_ptr<int64_t>() + r0);
+        dispatch_dtype(cdt, [&](auto tz) {
+          using T = decltype(tz);
+          dispatch_transform(tr, [&](auto b, auto sc, auto k) {
+            backward_epilogue<T, decltype(b)::value, decltype(sc)::value, decltype(k)::value>(
+                static_cast<T*>(g.data_ptr()), rows, cols, v0, tr, m_p + r0, m_p + Na + r0, m_p + 2 * Na + r0,
+                coef_a.data_ptr<float>() + r0, tgt.data_ptr<int64_t>() + r0);
+          });
+          if (need_db) add_column_sums(static_cast<const T*>(g.data_ptr()), rows, cols, db_acc.data_ptr<float>() + v0);
+          if (need_dx) {
+            if (identity && c32) {
+              at::Tensor dst = dx_acc.narrow(0, r0, rows);
+              dst.addmm_(g, w);
+            } else {
+              at::Tensor t = tbuf.narrow(0, 0, rows * H).view({rows, H});
+              at::mm_out(t, g, w);
+              if (identity) dx_acc.narrow(0, r0, rows).add_(t);
+              else scatter_add_rows(static_cast<const T*>(t.data_ptr()), rows, H, idx_p + r0, dx_acc.data_ptr<float>());
+            }
+          }
         });
-        if (need_db) add_column_sums(g.data_ptr<float>(), rows, cols, db_acc.data_ptr<float>() + v0);
-        if (need_dx) {
-          if (identity) {
-            at::Tensor dst = dx_acc.narrow(0, r0, rows);
-            dst.addmm_(g, w);
+        if (need_dw) {
+          if (c32) {
+            dwv.addmm_(g.t(), x);
           } else {
-            at::Tensor t = tbuf.narrow(0, 0, rows * H).view({rows, H});
-            at::mm_out(t, g, w);
-            scatter_add_rows(t.data_ptr<float>(), rows, H, idx_p + r0, dx_acc.data_ptr<float>());
+            at::Tensor p = pbuf.narrow(0, 0, cols * H).view({cols, H});
+            at::mm_out(p, g.t(), x);
+            dwv.add_(p);  // fp32 accumulation across token chunks
           }
         }
-        if (need_dw) dwv.addmm_(g.t(), x);
       }
       if (need_dw && !w32) dw.narrow(0, v0, cols).copy_(dwv);
     }
@@ -407,19 +515,89 @@ std::tuple<OptTensor, OptTensor, OptTensor> grad_backward(
   return {dx, dw_out, db};
 }
 
+void check_tile(const at::Tensor& z, const std::optional<at::Tensor>& bias, const at::Tensor& target) {
+  TORCH_CHECK(z.device().is_cpu() && z.dim() == 2 && z.is_contiguous(), "z must be a contiguous CPU [rows, V] tile");
+  TORCH_CHECK(target.dim() == 1 && target.size(0) == z.size(0) && target.scalar_type() == at::kLong &&
+              target.is_contiguous(), "target must be contiguous int64 [rows]");
+  TORCH_CHECK(!bias.has_value() || (bias->dim() == 1 && bias->size(0) == z.size(1)), "bias must be [V]");
+}
+
+// Statistics of full logits rows: (logp [rows], state [3, rows] = (max, log-normaliser, logp),
+// argmax [rows]), exactly as lse_forward computes them for a vocabulary in one chunk.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> chunk_stats(const at::Tensor& z, const std::optional<at::Tensor>& bias,
+                                                           const at::Tensor& target, std::optional<double> logit_scale,
+                                                           std::optional<double> softcap) {
+  check_tile(z, bias, target);
+  const int64_t rows = z.size(0), V = z.size(1);
+  const auto f32 = z.options().dtype(at::kFloat);
+  at::Tensor m = at::full({rows}, kNegInf, f32);
+  at::Tensor rest = at::zeros({rows}, f32);
+  at::Tensor am = at::zeros({rows}, z.options().dtype(at::kLong));
+  at::Tensor tl = at::full({rows}, std::numeric_limits<float>::quiet_NaN(), f32);
+  std::optional<at::Tensor> bias_f;
+  if (bias.has_value()) bias_f = bias->to(at::kFloat).contiguous();
+  const Transform tr = make_transform(bias_f, logit_scale, softcap);
+  FwdState st{m.data_ptr<float>(), rest.data_ptr<float>(), am.data_ptr<int64_t>(), tl.data_ptr<float>(),
+              target.data_ptr<int64_t>()};
+  if (rows > 0 && V > 0) {
+    dispatch_dtype(z.scalar_type(), [&](auto tz) {
+      using T = decltype(tz);
+      dispatch_transform(tr, [&](auto fb, auto fs, auto fk) {
+        forward_epilogue<T, decltype(fb)::value, decltype(fs)::value, decltype(fk)::value>(
+            static_cast<const T*>(z.data_ptr()), rows, V, 0, 0, tr, st);
+      });
+    });
+  }
+  at::Tensor log_norm = rest.log1p();
+  at::Tensor logp = (tl - m) - log_norm;
+  return {logp, at::stack({m, log_norm, logp}), am};
+}
+
+// In place: the raw logits tile z becomes dz = coef * (onehot - softmax) * d(transform), in z's dtype.
+void chunk_grad_(const at::Tensor& z, const std::optional<at::Tensor>& bias, const at::Tensor& target,
+                 const at::Tensor& state, const at::Tensor& coef, std::optional<double> logit_scale,
+                 std::optional<double> softcap) {
+  check_tile(z, bias, target);
+  const int64_t rows = z.size(0), V = z.size(1);
+  TORCH_CHECK(state.dim() == 2 && state.size(0) == 3 && state.size(1) == rows && state.scalar_type() == at::kFloat &&
+              state.is_contiguous(), "state must be chunk_stats' fp32 [3, rows]");
+  TORCH_CHECK(coef.dim() == 1 && coef.size(0) == rows && coef.scalar_type() == at::kFloat && coef.is_contiguous(),
+              "coef must be contiguous fp32 [rows]");
+  if (rows == 0 || V == 0) return;
+  std::optional<at::Tensor> bias_f;
+  if (bias.has_value()) bias_f = bias->to(at::kFloat).contiguous();
+  const Transform tr = make_transform(bias_f, logit_scale, softcap);
+  const float* s = state.data_ptr<float>();
+  dispatch_dtype(z.scalar_type(), [&](auto tz) {
+    using T = decltype(tz);
+    dispatch_transform(tr, [&](auto fb, auto fs, auto fk) {
+      backward_epilogue<T, decltype(fb)::value, decltype(fs)::value, decltype(fk)::value>(
+          static_cast<T*>(z.data_ptr()), rows, V, 0, tr, s, s + rows, s + 2 * rows, coef.data_ptr<float>(),
+          target.data_ptr<int64_t>());
+    });
+  });
+}
+
 }  // namespace
 }  // namespace fused_objectives_cpu
 
 // One schema for every device: the CPU kernels register here; other devices add their own.
 TORCH_LIBRARY(fused_objectives, m) {
   m.def("lse_forward(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, Tensor valid, "
-        "float? logit_scale, float? softcap, int chunk_rows, int chunk_cols) -> (Tensor logp, Tensor state, Tensor argmax)");
+        "float? logit_scale, float? softcap, int chunk_rows, int chunk_cols, bool half_gemm=False) "
+        "-> (Tensor logp, Tensor state, Tensor argmax)");
   m.def("grad_backward(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, Tensor state, Tensor coef, "
         "float? logit_scale, float? softcap, bool need_dx, bool need_dw, bool need_db, int chunk_rows, "
-        "int chunk_cols) -> (Tensor? dx, Tensor? dw, Tensor? db)");
+        "int chunk_cols, bool half_gemm=False) -> (Tensor? dx, Tensor? dw, Tensor? db)");
+  m.def("chunk_stats(Tensor z, Tensor? bias, Tensor target, float? logit_scale, float? softcap) "
+        "-> (Tensor logp, Tensor state, Tensor argmax)");
+  m.def("chunk_grad_(Tensor(a!) z, Tensor? bias, Tensor target, Tensor state, Tensor coef, float? logit_scale, "
+        "float? softcap) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fused_objectives, CPU, m) {
   m.impl("lse_forward", &fused_objectives_cpu::lse_forward);
   m.impl("grad_backward", &fused_objectives_cpu::grad_backward);
+  m.impl("chunk_stats", &fused_objectives_cpu::chunk_stats);
+  m.impl("chunk_grad_", &fused_objectives_cpu::chunk_grad_);
 }

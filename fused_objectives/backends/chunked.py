@@ -8,7 +8,9 @@ once, turned in place into ``c_i * (onehot - softmax)`` and fed to the dX / dW G
 The backward then only scales the stored gradients by the upstream scalar.
 
 The chunk buffer is bounded by a byte budget (never ``N * V``); ignored tokens are gathered away
-before any GEMM.  All work is ATen (MKL/oneDNN GEMMs, vectorised elementwise passes).  The
+before any GEMM.  The GEMMs are ATen's (MKL / oneDNN); the row statistics and ``dz`` come from the
+C++ epilogues of the cpu backend (``torch.ops.fused_objectives.chunk_stats`` / ``chunk_grad_``),
+the same code as its per-token kernels, so a loss value does not depend on which path computed it.  The
 reduction and the objective stay where they always are: ``coef_fn`` evaluates the objective on
 each chunk's ``[rows]`` vectors, through autograd.
 """
@@ -33,81 +35,112 @@ def forward_with_grad(
     coef_fn: CoefFn,
     needs: Tuple[bool, bool, bool],
     budget_bytes: int,
+    half_gemm: bool = False,
 ):
-    """``(total, logp, kept, argmax, dx32, dw32, db32)``: the summed objective, per-token
-    statistics, and the gradients of ``total`` (fp32; None where not needed).  Host-side loop over
-    token chunks: meant for CPU tensors, where reading the number of valid tokens is free."""
-    # fp32 math whatever autocast region the caller is in (Trainer's bf16 runs under autocast)
+    """``(total, logp, kept, argmax, dx, dw, db)``: the summed objective, per-token statistics, and
+    the gradients of ``total`` (None where not needed; fp32, or for dX / dW the GEMM dtype).
+    Host-side loop over token chunks: meant for CPU tensors, where reading the number of valid
+    tokens is free.
+
+    GEMM dtype: with ``half_gemm`` and bf16 ``hidden`` and ``weight``, bf16 (the GEMM accumulates
+    in fp32 and rounds its output once); else fp32 (fp16 too: there dz would underflow before a
+    loss scaler's factor, known only in the backward, could lift it).  Row statistics and ``dz``
+    are computed in fp32 by the C++ epilogues (``chunk_stats`` / ``chunk_grad_``), ``dz`` is
+    rounded to the GEMM dtype for the dX / dW GEMMs, and dW / db accumulate in fp32 across token
+    chunks; dX and dW come back in the GEMM dtype (rounded once at the end), which spares
+    gradient-sized fp32 passes that cost as much as the epilogue."""
+    # no autocast: the GEMM dtype is chosen here (Trainer's bf16 runs under autocast)
     with torch.autocast(hidden.device.type, enabled=False):
-        return _forward_with_grad(hidden, weight, bias, target, valid, opts, coef_fn, needs, budget_bytes)
+        return _forward_with_grad(hidden, weight, bias, target, valid, opts, coef_fn, needs, budget_bytes,
+                                  half_gemm)
 
 
-def _forward_with_grad(hidden, weight, bias, target, valid, opts, coef_fn, needs, budget_bytes):
+def _forward_with_grad(hidden, weight, bias, target, valid, opts, coef_fn, needs, budget_bytes, half_gemm):
+    ops = torch.ops.fused_objectives
     need_dx, need_dw, need_db = needs
     N, H = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
     f32 = torch.float32
+    # bf16 only: these gradients are formed before the backward's upstream scale is known, so fp16
+    # dz would underflow (below 6e-8) before a loss scaler (GradScaler) could lift it
+    half = half_gemm and hidden.dtype == weight.dtype == torch.bfloat16
+    cdt = hidden.dtype if half else f32
+    esize = torch.finfo(cdt).bits // 8
+    idx = valid.nonzero().squeeze(1)
+    n_act = idx.numel()
+    rows = max(1, min(n_act, budget_bytes // (esize * V)))
+    one_chunk = n_act <= rows
+
     logp = torch.zeros(N, dtype=f32, device=dev)
     kept = torch.zeros(N, dtype=torch.bool, device=dev)
     argmax = torch.zeros(N, dtype=torch.int64, device=dev)
-    dx = torch.zeros(N, H, dtype=f32, device=dev) if need_dx else None
-    dw = torch.zeros(V, H, dtype=f32, device=dev) if need_dw else None
+    # each token's dX row comes from one GEMM: kept in the GEMM dtype; dW sums over token chunks in
+    # fp32 unless there is only one (then the GEMM's own output, accumulated in fp32 inside)
+    dx = torch.zeros(N, H, dtype=cdt, device=dev) if need_dx else None
+    dw = None
+    if need_dw and not (half and one_chunk):
+        dw = torch.zeros(V, H, dtype=f32, device=dev)
     db = torch.zeros(V, dtype=f32, device=dev) if need_db else None
     total = torch.zeros((), dtype=f32, device=dev)
-    idx = valid.nonzero().squeeze(1)
-    if idx.numel() == 0:
+    if n_act == 0:
+        if need_dw and dw is None:
+            dw = torch.zeros(V, H, dtype=cdt, device=dev)
         return total, logp, kept, argmax, dx, dw, db
 
-    # fp32 math whatever the input dtype: one upcast weight copy (gradient-sized) for bf16/fp16
-    w32 = weight if weight.dtype == f32 else weight.to(f32)
+    # one converted weight copy (gradient-sized) when the weight is not in the GEMM dtype
+    wc = weight if weight.dtype == cdt else weight.to(cdt)
     b32 = None if bias is None else bias.to(f32)
     softcap, scale = opts.softcap, opts.logit_scale
-    bufs = 2 if softcap is not None else 1  # the soft-cap's derivative needs tanh kept beside the logits
-    rows = max(1, min(idx.numel(), budget_bytes // (4 * V * bufs)))
-    buf = torch.empty(rows, V, dtype=f32, device=dev)
-    tbuf = torch.empty(rows, V, dtype=f32, device=dev) if softcap is not None else None
+    buf = torch.empty(rows, V, dtype=cdt, device=dev)
+    # half-precision dW products of several token chunks go through a slab of vocabulary rows
+    slab = max(1, min(V, (budget_bytes // 4) // max(1, esize * H))) if (need_dw and half and not one_chunk) else 0
+    pbuf = torch.empty(slab, H, dtype=cdt, device=dev) if slab else None
+    all_valid = n_act == N
 
-    for start in range(0, idx.numel(), rows):
-        ii = idx[start:start + rows]
-        n = ii.numel()
-        x = hidden.index_select(0, ii).to(f32)
-        t = target.index_select(0, ii)[:, None]
-        z = torch.mm(x, w32.T, out=buf[:n])
-        if b32 is not None:
-            z.add_(b32)
-        if scale is not None:
-            z.mul_(scale)
-        if softcap is not None:
-            th = torch.tanh(z.div_(softcap), out=tbuf[:n])
-            z.copy_(th).mul_(softcap)
-        m, am = z.max(dim=1)
-        zt = z.gather(1, t)[:, 0]
-        # e = exp(z - m); rest = sum over every column but the target, so 1 - p = rest / s exactly
-        e = z.sub_(m[:, None]).exp_()
-        et = torch.exp(zt - m)
-        e.scatter_(1, t, 0.0)
-        rest = e.sum(dim=1)
-        s = rest + et
-        lp = (zt - m) - torch.log(s)
+    for start in range(0, n_act, rows):
+        n = min(rows, n_act - start)
+        if all_valid:
+            ii = None
+            x = hidden[start:start + n]
+            t = target[start:start + n].contiguous()
+        else:
+            ii = idx[start:start + n]
+            x = hidden.index_select(0, ii)
+            t = target.index_select(0, ii)
+        x = x.to(cdt)
+        z = torch.mm(x, wc.T, out=buf[:n])
+        lp, state, am = ops.chunk_stats(z, b32, t, scale, softcap)
         tot, kp, c = coef_fn(lp, torch.ones_like(lp, dtype=torch.bool))
-        logp.index_copy_(0, ii, lp)
-        kept.index_copy_(0, ii, kp)
-        argmax.index_copy_(0, ii, am)
+        if ii is None:
+            logp[start:start + n] = lp
+            kept[start:start + n] = kp
+            argmax[start:start + n] = am
+        else:
+            logp.index_copy_(0, ii, lp)
+            kept.index_copy_(0, ii, kp)
+            argmax.index_copy_(0, ii, am)
         total += tot
         if not (need_dx or need_dw or need_db):
             continue
-        # dz = c * (onehot - softmax), in place: -c p_j off the target, c (1 - p_t) = c rest / s at it
-        dz = e.mul_((-c / s)[:, None])
-        dz.scatter_(1, t, (c * rest / s)[:, None])
-        if softcap is not None:
-            dz.mul_(1.0 - tbuf[:n].square_())
-        if scale is not None:
-            dz.mul_(scale)
+        # in place: z -> dz = c * (onehot - softmax) * d(transform), rounded to the GEMM dtype
+        ops.chunk_grad_(z, b32, t, state, c.to(f32).contiguous(), scale, softcap)
         if need_dx:
-            dx.index_copy_(0, ii, torch.mm(dz, w32))
+            if ii is None:
+                torch.mm(z, wc, out=dx[start:start + n])
+            else:
+                dx.index_copy_(0, ii, torch.mm(z, wc))
         if need_dw:
-            dw.addmm_(dz.T, x)
+            if dw is None:
+                dw = torch.mm(z.T, x)  # the only token chunk: no accumulation across chunks
+            elif not half:
+                dw.addmm_(z.T, x)
+            else:
+                for v0 in range(0, V, slab):
+                    v1 = min(V, v0 + slab)
+                    dw[v0:v1].add_(torch.mm(z[:, v0:v1].T, x, out=pbuf[:v1 - v0]))  # fp32 accumulation
         if need_db:
-            db.add_(dz.sum(dim=0))
+            db.add_(z.sum(dim=0))  # fp32 inside; half-precision: one rounding per chunk (a dtype= would copy z)
+    if half and dw is not None and dw.dtype != cdt:
+        dw = dw.to(cdt)
     return total, logp, kept, argmax, dx, dw, db

@@ -4,8 +4,19 @@ The kernels live in ``csrc/fused_objectives_cpu.cpp`` and register two operators
 ``torch.ops.fused_objectives.lse_forward`` and ``torch.ops.fused_objectives.grad_backward``
 (visible to the profiler and to ``torch.compile``, which gets shape-only fake kernels here).  They
 are compiled on first use with PyTorch's C++ extension machinery (a C++ compiler and ninja) and
-cached per user (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``), keyed by the
-source, the flags, the torch version and the CPU, so later processes load the cached library.
+cached per user (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``), keyed only by
+the source text, the flags, the torch version and the CPU: any later process, from any checkout or
+virtual environment with the same torch, loads the cached library without a compiler.  Concurrent
+first uses are serialised by a file lock (one builds, the others wait and load); while building, one
+line goes to stderr (silenced by ``FUSED_OBJECTIVES_QUIET=1``).
+
+GEMM dtype: bf16 / fp16 inputs use GEMMs in their own dtype (oneDNN; fp32 accumulation inside,
+fp32 row statistics and epilogue) where that is faster than fp32 GEMMs on this CPU, measured once
+per process and dtype with a tiny timing (``half_gemm``); elsewhere (e.g. fp16 on CPUs without
+native fp16 kernels) they are converted and run in fp32.  ``FUSED_OBJECTIVES_CPU_HALF_GEMM=0|1``
+overrides the measurement.  Scalar losses with fp16 inputs always run fp32 GEMMs: their gradients
+are formed in the forward (``chunked.py``), before a loss scaler's factor could keep fp16 ``dz``
+from underflowing.
 
 Memory: the kernels walk the vocabulary and the active tokens in ``[rows, cols]`` logits tiles whose
 size this module plans from a byte budget, so the workspace never grows with ``N * V``:
@@ -14,13 +25,16 @@ size this module plans from a byte budget, so the workspace never grows with ``N
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import platform
 import shutil
+import sys
 import threading
+import time
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -50,7 +64,9 @@ def _source_path() -> Optional[Path]:
 def _cflags() -> list:
     # no FP-trap or errno semantics: lets the compiler if-convert and vectorise the epilogue loops
     # (NaN and infinity behave exactly as without these flags; this is not -ffast-math)
-    flags = ["-O3", "-fopenmp", "-DNDEBUG", "-fno-trapping-math", "-fno-math-errno"]
+    # -ffp-contract=off: no implicit FMAs, so a logit recomputed in the backward rounds exactly as the
+    # forward's (the kernels ask for the FMAs they want explicitly)
+    flags = ["-O3", "-fopenmp", "-DNDEBUG", "-fno-trapping-math", "-fno-math-errno", "-ffp-contract=off"]
     if platform.machine().lower() in ("x86_64", "amd64"):
         # built on the machine that runs it (and cached per CPU, below): use its vector units
         flags.append("-march=native")
@@ -89,6 +105,32 @@ def _missing_tools() -> Optional[str]:
             + "; install them, or pass backend='reference' (materialises the [N, V] logits)")
 
 
+def _quiet() -> bool:
+    return os.environ.get("FUSED_OBJECTIVES_QUIET", "") not in ("", "0")
+
+
+def _build_key(source_text: str, cflags: list) -> str:
+    """The cache key: what the library's machine code depends on, and nothing else (no paths)."""
+    parts = [source_text, " ".join(cflags), torch.__version__, _cpu_signature()]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:12]
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    """An exclusive lock on ``path`` across processes (released by the OS if the holder dies)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no cross-process lock
+        yield
+        return
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 class _Loader:
     """Builds (or loads from the cache) the operator library once per process."""
 
@@ -109,44 +151,65 @@ class _Loader:
 
     @staticmethod
     def _build() -> Optional[str]:
-        if hasattr(torch.ops.fused_objectives, "grad_backward") and _has_cpu_kernel():
+        if hasattr(torch.ops.fused_objectives, "chunk_grad_") and _has_cpu_kernel():
             return None  # registered by another copy of this module (e.g. a reload)
         src = _source_path()
         if src is None:
             return (f"backend='cpu': its C++ source {_SOURCE} is missing from this installation "
                     f"(expected in fused_objectives/_csrc/ or the repository's csrc/); reinstall the "
                     f"package, or pass backend='reference'")
-        from torch.utils.cpp_extension import load
-
         cflags = _cflags()
-        key = hashlib.sha256("\0".join([src.read_text(), " ".join(cflags), torch.__version__,
-                                        _cpu_signature()]).encode()).hexdigest()[:12]
-        name = f"{_LIB_NAME}_{key}"
-        build_dir = _cache_root() / name
-        missing = _missing_tools()
-        if missing is not None:
-            # a library this machine already built loads without a compiler
-            built = build_dir / f"{name}.so"
-            if not built.is_file():
-                return missing
-            torch.ops.load_library(str(built))
-            return None
-        build_dir.mkdir(parents=True, exist_ok=True)
+        text = src.read_text()
+        name = f"{_LIB_NAME}_{_build_key(text, cflags)}"
+        root = _cache_root()
+        build_dir = root / name
+        built = build_dir / f"{name}.so"
         try:
-            load(name=name, sources=[str(src)], extra_cflags=cflags, extra_ldflags=["-fopenmp"],
-                 build_directory=str(build_dir), is_python_module=False, verbose=False)
-        except Exception as exc:  # the compiler's output is in the message
-            detail = str(exc).strip()
-            if len(detail) > 4000:
-                detail = detail[:2000] + "\n...\n" + detail[-2000:]
-            return (f"backend='cpu' could not build its C++ kernels from {src} ({type(exc).__name__}): "
-                    f"{detail}\nA C++17 compiler (g++ >= 9 or clang >= 10) and ninja are required; "
-                    f"or pass backend='reference'")
-        return None
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            return f"backend='cpu': cannot create its build cache {root} ({exc}); set TORCH_EXTENSIONS_DIR"
+        # one process builds, the others wait here and then load its library
+        with _file_lock(root / f"{name}.lock"):
+            if built.is_file():
+                # a cache hit never calls the compiler: the key covers everything the code depends on
+                torch.ops.load_library(str(built))
+                return None
+            missing = _missing_tools()
+            if missing is not None:
+                return missing
+            return _compile(text, cflags, name, build_dir, src)
+
+def _compile(text: str, cflags: list, name: str, build_dir: Path, src: Path) -> Optional[str]:
+    from torch.utils.cpp_extension import load
+
+    if not _quiet():
+        print(f"fused_objectives: compiling the CPU kernels (first use with this source, torch and CPU; "
+              f"~30 s; cached in {build_dir}) ...", file=sys.stderr, flush=True)
+    build_dir.mkdir(parents=True, exist_ok=True)
+    # compile a copy inside the build directory: its path, unlike the checkout's, is the same for
+    # every process that reaches this key
+    local = build_dir / _SOURCE
+    if not local.is_file() or local.read_text() != text:
+        local.write_text(text)
+    # PyTorch's own build baton: a leftover from a process killed mid-build would block forever;
+    # under our lock no one else is building this key
+    with contextlib.suppress(FileNotFoundError):
+        (build_dir / "lock").unlink()
+    try:
+        load(name=name, sources=[str(local)], extra_cflags=cflags, extra_ldflags=["-fopenmp"],
+             build_directory=str(build_dir), is_python_module=False, verbose=False)
+    except Exception as exc:  # the compiler's output is in the message
+        detail = str(exc).strip()
+        if len(detail) > 4000:
+            detail = detail[:2000] + "\n...\n" + detail[-2000:]
+        return (f"backend='cpu' could not build its C++ kernels from {src} ({type(exc).__name__}): "
+                f"{detail}\nA C++17 compiler (g++ >= 9 or clang >= 10) and ninja are required; "
+                f"or pass backend='reference'")
+    return None
 
 
 def _has_cpu_kernel() -> bool:
-    return torch._C._dispatch_has_kernel_for_dispatch_key("fused_objectives::grad_backward", "CPU")
+    return torch._C._dispatch_has_kernel_for_dispatch_key("fused_objectives::chunk_grad_", "CPU")
 
 
 _LOADER = _Loader()
@@ -155,17 +218,28 @@ _LOADER = _Loader()
 def _register_fakes() -> None:
     # shape-only kernels so torch.compile / FakeTensor tracing can see through the operators
     @torch.library.register_fake("fused_objectives::lse_forward")
-    def _lse_forward_fake(hidden, weight, bias, target, valid, logit_scale, softcap, chunk_rows, chunk_cols):
+    def _lse_forward_fake(hidden, weight, bias, target, valid, logit_scale, softcap, chunk_rows, chunk_cols,
+                          half_gemm=False):
         n = hidden.shape[0]
         return (hidden.new_empty((n,), dtype=torch.float32), hidden.new_empty((3, n), dtype=torch.float32),
                 hidden.new_empty((n,), dtype=torch.int64))
 
     @torch.library.register_fake("fused_objectives::grad_backward")
     def _grad_backward_fake(hidden, weight, bias, target, state, coef, logit_scale, softcap,
-                            need_dx, need_dw, need_db, chunk_rows, chunk_cols):
+                            need_dx, need_dw, need_db, chunk_rows, chunk_cols, half_gemm=False):
         return (torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_dx else None,
                 torch.empty_like(weight, memory_format=torch.contiguous_format) if need_dw else None,
                 torch.empty_like(bias) if need_db else None)
+
+    @torch.library.register_fake("fused_objectives::chunk_stats")
+    def _chunk_stats_fake(z, bias, target, logit_scale, softcap):
+        n = z.shape[0]
+        return (z.new_empty((n,), dtype=torch.float32), z.new_empty((3, n), dtype=torch.float32),
+                z.new_empty((n,), dtype=torch.int64))
+
+    @torch.library.register_fake("fused_objectives::chunk_grad_")
+    def _chunk_grad_fake(z, bias, target, state, coef, logit_scale, softcap):
+        return None
 
 
 _FAKES_DONE = False
@@ -179,6 +253,68 @@ def _register_fakes_once() -> None:
         except RuntimeError:
             pass  # already registered (module reloaded)
         _FAKES_DONE = True
+
+
+_HALF_GEMM: Dict[torch.dtype, bool] = {}
+_HALF_LOCK = threading.Lock()
+
+
+def _gemm_times(dtype: torch.dtype, n: int = 64, h: int = 256, v: int = 512, rounds: int = 7) -> Tuple[float, float]:
+    """Best times of the three GEMM layouts of a fused step (logits, dX, dW) in ``dtype`` and in
+    fp32, on one thread (other processes preempting one of several threads would swamp a
+    millisecond timing; the question is which kernels this CPU has), rounds interleaved."""
+    g = torch.Generator().manual_seed(0)
+    sets = []
+    for dt in (dtype, torch.float32):
+        x = torch.randn(n, h, generator=g).to(dt)
+        w = torch.randn(v, h, generator=g).to(dt)
+        d = torch.randn(n, v, generator=g).to(dt)
+        sets.append((lambda x=x, w=w: torch.mm(x, w.T), lambda d=d, w=w: torch.mm(d, w),
+                     lambda d=d, x=x: torch.mm(d.T, x)))
+    best = [[float("inf")] * 3 for _ in sets]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for fns in sets:
+            for fn in fns:
+                fn()  # first call: kernel selection / JIT
+        for r in range(rounds):
+            for s, fns in enumerate(sets):
+                for k, fn in enumerate(fns):
+                    t0 = time.perf_counter()
+                    fn()
+                    best[s][k] = min(best[s][k], time.perf_counter() - t0)
+            ratio = sum(best[0]) / sum(best[1])
+            if r >= 1 and not 0.5 < ratio < 2.0:
+                break  # clear already (e.g. a 10x slower fallback kernel)
+    finally:
+        torch.set_num_threads(threads)
+    return sum(best[0]), sum(best[1])
+
+
+def half_gemm(dtype: torch.dtype) -> bool:
+    """Whether ``dtype`` (bf16 / fp16) inputs run their GEMMs in ``dtype`` rather than fp32 here.
+
+    Measured once per process and dtype (a few milliseconds): half-precision GEMMs must be clearly
+    faster (by 20%) than fp32 ones on this CPU, as with native kernels (bf16 on AVX512-BF16 / AMX,
+    fp16 on AVX512-FP16); without them PyTorch's fallback can be 10x slower than fp32.
+    ``FUSED_OBJECTIVES_CPU_HALF_GEMM=1`` / ``0`` forces the choice.
+    """
+    if dtype not in (torch.bfloat16, torch.float16):
+        return False
+    forced = os.environ.get("FUSED_OBJECTIVES_CPU_HALF_GEMM", "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    got = _HALF_GEMM.get(dtype)
+    if got is None:
+        with _HALF_LOCK:
+            got = _HALF_GEMM.get(dtype)
+            if got is None:
+                with torch.autocast("cpu", enabled=False), torch.no_grad():
+                    t_half, t_32 = _gemm_times(dtype)
+                got = t_half < 0.8 * t_32
+                _HALF_GEMM[dtype] = got
+    return got
 
 
 def plan_chunks(n: int, v: int, h: int, x32: bool, w32: bool, budget_bytes: int,
@@ -203,7 +339,8 @@ def plan_chunks(n: int, v: int, h: int, x32: bool, w32: bool, budget_bytes: int,
 
 
 class CPUBackend:
-    """Fused C++ kernels for CPU tensors (fp32, bf16, fp16 inputs; fp32 math inside)."""
+    """Fused C++ kernels for CPU tensors (fp32, bf16, fp16 inputs; GEMMs in the input dtype where
+    that is faster, fp32 statistics and epilogue)."""
 
     name = "cpu"
 
@@ -228,20 +365,25 @@ class CPUBackend:
     def forward(self, hidden, weight, bias, target, valid, opts: LogitOptions):
         rows, cols = self._plan(hidden, weight)
         return torch.ops.fused_objectives.lse_forward(hidden, weight, bias, target, valid, opts.logit_scale,
-                                                      opts.softcap, rows, cols)
+                                                      opts.softcap, rows, cols, self._half(hidden, weight))
 
     def backward(self, hidden, weight, bias, target, state, coef, opts: LogitOptions,
                  needs: Tuple[bool, bool, bool]):
         need_dx, need_dw, need_db = (bool(needs[0]), bool(needs[1]), bool(needs[2]) and bias is not None)
         rows, cols = self._plan(hidden, weight)
         return torch.ops.fused_objectives.grad_backward(hidden, weight, bias, target, state, coef, opts.logit_scale,
-                                                        opts.softcap, need_dx, need_dw, need_db, rows, cols)
+                                                        opts.softcap, need_dx, need_dw, need_db, rows, cols,
+                                                        self._half(hidden, weight))
+
+    @staticmethod
+    def _half(hidden, weight) -> bool:
+        return hidden.dtype == weight.dtype and half_gemm(hidden.dtype)
 
 
     def forward_with_grad(self, hidden, weight, bias, target, valid, opts: LogitOptions, coef_fn, needs):
         """Scalar losses: gradients computed in the forward, 3 GEMMs instead of 4 (see chunked.py)."""
         return chunked.forward_with_grad(hidden, weight, bias, target, valid, opts, coef_fn, needs,
-                                         self.budget_bytes)
+                                         self.budget_bytes, self._half(hidden, weight))
 
 
 def ensure_built() -> None:
