@@ -317,8 +317,9 @@ def test_meta_inputs(which):
         h, w, t = h.to("meta"), w.to("meta"), t.to("meta")
     else:
         w = w.to("meta")
-    with pytest.raises(ValueError, match="meta"):
-        fo.linear_objective_loss(h, w, t, backend="cpu")
+    for backend in ("auto", "reference", "cpu"):
+        with pytest.raises(ValueError, match="meta tensor"):
+            fo.linear_objective_loss(h, w, t, backend=backend)
 
 
 def test_huge_ignore_index():
