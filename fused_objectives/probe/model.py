@@ -17,7 +17,6 @@ from .result import ProbeResult, summarise
 _CPU_LOGIT_ELEMENTS = 1 << 26
 
 
-
 @dataclass
 class _Route:
     decoder: Any
@@ -138,7 +137,6 @@ def _as_tensor(x, name: str, device) -> torch.Tensor:
     if t.dim() != 2:
         raise ValueError(f"batch field {name!r} must have shape [batch, seq], got {tuple(t.shape)}")
     return t.to(device)
-
 
 
 def _progress(iterable, enabled: bool, total: Optional[int]):

@@ -123,7 +123,6 @@ class ProbeResult:
         return path
 
 
-
 def summarise(logp: torch.Tensor, cut_points, examples: Optional[int], info: dict) -> ProbeResult:
     import numpy as np
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-import types
 from dataclasses import replace
 from typing import Any, Optional
 
@@ -20,29 +19,42 @@ from .state import _MISSING, _PatchState, _STATE, _class_state, _state_of
 from .training_call import _run
 
 
-def _make_forward(original_func, state, bound: bool):
-    if bound:
-        # the instance's state is looked up at call time, not closed over: a deep copy of the model carries a
-        # copy of the state whose original forward is bound to the copy
-        @functools.wraps(original_func)
-        def forward(self, *args, **kwargs):
-            own = self.__dict__[_STATE]
-            return _run(self, own, own.original_func, args, kwargs)
+def _make_class_forward(original_func, state):
+    @functools.wraps(original_func)
+    def forward(self, *args, **kwargs):
+        return _run(self, state, original_func.__get__(self, type(self)), args, kwargs)
 
-        # inspect.signature(model.forward) (Trainer's column filter, generate's kwarg check) drops the first
-        # parameter of a bound method: declare `self` before the wrapped bound forward's own parameters
-        try:
-            sig = inspect.signature(original_func)
-            self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
-            forward.__signature__ = sig.replace(parameters=[self_param, *sig.parameters.values()])
-        except (TypeError, ValueError):
-            pass
-    else:
-        @functools.wraps(original_func)
-        def forward(self, *args, **kwargs):
-            return _run(self, state, original_func.__get__(self, type(self)), args, kwargs)
-    forward.__fused_objectives_patch__ = state
     return forward
+
+
+class _InstanceForward:
+    """The patched ``forward`` of one instance (kept in its ``__dict__``).
+
+    It finds the patch state on its model at call time, so a deep copy runs its own; it pickles as
+    "the patched forward of this model" (``torch.save`` / ``pickle`` of a patched model reload it patched,
+    as ``copy.deepcopy`` does), where a bound method would pickle as ``getattr(model, "forward")`` and
+    reload as the unpatched class forward.  ``inspect.signature`` gives the original forward's."""
+
+    __name__ = "forward"
+
+    def __init__(self, model):
+        self.__self__ = model
+
+    def __call__(self, *args, **kwargs):
+        model = self.__self__
+        own = model.__dict__[_STATE]
+        return _run(model, own, own.original_for(model), args, kwargs)
+
+    def __reduce__(self):
+        return (_InstanceForward, (self.__self__,))
+
+    @property
+    def __signature__(self):
+        own = self.__self__.__dict__.get(_STATE)
+        return inspect.signature(own.original_for(self.__self__)) if own is not None else None
+
+    def __repr__(self):
+        return f"<fused_objectives patched forward of {type(self.__self__).__name__}>"
 
 
 def _resolve(target):
@@ -130,7 +142,7 @@ def patch_model(model_or_model_type, objective="neg_p", **loss_options):
         inherited = _class_state(obj)
         # a subclass of a patched class patches the original forward, not the patched one
         state.original_func = inherited.original_func if inherited is not None and saved is _MISSING else obj.forward
-        type.__setattr__(obj, "forward", _make_forward(state.original_func, state, bound=False))
+        type.__setattr__(obj, "forward", _make_class_forward(state.original_func, state))
         state.saved_call = obj.__dict__.get("__call__", _MISSING)
         type.__setattr__(obj, "__call__", _make_class_call(obj, state.saved_call))
         type.__setattr__(obj, _STATE, state)
@@ -138,13 +150,12 @@ def patch_model(model_or_model_type, objective="neg_p", **loss_options):
         saved = obj.__dict__.get("forward", _MISSING)
         cls_state = _class_state(type(obj))
         if saved is not _MISSING:
-            original = saved
-        elif cls_state is not None:
-            original = cls_state.original_func.__get__(obj, type(obj))
+            state = _PatchState(options, "instance", saved, saved)
         else:
-            original = type(obj).forward.__get__(obj, type(obj))
-        state = _PatchState(options, "instance", saved, original)
-        object.__setattr__(obj, "forward", types.MethodType(_make_forward(original, state, bound=True), obj))
+            # a class function, bound to the model at call time (see _PatchState.original_for)
+            original = cls_state.original_func if cls_state is not None else type(obj).forward
+            state = _PatchState(options, "instance", saved, original, bind=True)
+        object.__setattr__(obj, "forward", _InstanceForward(obj))
         object.__setattr__(obj, _STATE, state)
         _install_hooks(obj, outer, state)
     return model_or_model_type
