@@ -1,10 +1,13 @@
 """The examples run end to end with tiny settings (CPU, nothing downloaded), so they cannot rot."""
 import importlib.util
 import json
+import math
 import os
+import re
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "examples")
 
@@ -17,8 +20,27 @@ def _load(name):
 
 
 def test_quickstart(capsys):
-    _load("quickstart").main(["--tokens", "64", "--hidden", "32", "--vocab", "100", "--steps", "2"])
-    assert "fused" in capsys.readouterr().out
+    _load("quickstart").main(["--tokens", "64", "--hidden", "32", "--vocab", "100", "--steps", "10"])
+    out = capsys.readouterr().out
+    # the printed losses against a float64 cross-entropy of the same seeded draws (CPU: the example
+    # draws on CUDA when there is one, a different stream)
+    m = re.search(r"NLL unfused ([0-9.]+), fused ([0-9.]+)", out)
+    assert m, out
+    if not torch.cuda.is_available():
+        torch.manual_seed(0)
+        hidden = torch.randn(64, 32)
+        W = torch.randn(100, 32) / 32**0.5
+        y = torch.randint(0, 100, (64,))
+        y[:16] = -100
+        want = F.cross_entropy(hidden.double() @ W.double().T, y).item()
+        assert float(m.group(1)) == pytest.approx(want, abs=2e-6)
+        assert float(m.group(2)) == pytest.approx(want, abs=2e-6)
+    # the toy training lowers the neg_p loss and raises the mean probability
+    steps = [tuple(map(float, s)) for s in re.findall(r"loss ([0-9.]+)\s+mean p ([0-9.]+)", out)]
+    assert len(steps) >= 2, out
+    (l0, p0), (l1, p1) = steps[0], steps[-1]
+    assert l1 < l0 - 0.05 and p1 > p0 + 0.05, steps
+    assert l0 == pytest.approx(1 - p0, abs=2e-4)  # neg_p: loss = mean(1 - p) over valid tokens
 
 
 def test_custom_objective(capsys, monkeypatch):
@@ -33,17 +55,38 @@ def test_custom_objective(capsys, monkeypatch):
     assert [r["objective"] for r in results] == ["focal:2", "nll"]
     assert all(0.0 <= r["eval_mean_p"] <= 1.0 for r in results)
     assert "focal" in " ".join(fo.list_objectives())
-    assert "fused == full-logits PyTorch" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    m = re.search(r"fused == full-logits PyTorch for focal:2 \(loss and gradients, max \|diff\| ([0-9.e+-]+)\)", out)
+    assert m and float(m.group(1)) < 1e-5, out
+    # the registered objective is the example's formula -(1 - p)^2 log p
+    l = torch.tensor([math.log(0.3), math.log(0.9)])
+    torch.testing.assert_close(fo.get_objective("focal:2")(l), -((1 - l.exp()) ** 2) * l)
+    # both runs start from the same model and batch: at step 0 the focal loss is the NLL weighted
+    # by (1 - p)^2 <= 1, with p ~ 0.03 here (a wrong objective or an unweighted one fails this)
+    first = {o: (float(l), float(p)) for o, l, p in
+             re.findall(r"\[ *(focal:2|nll)\] step +0 +loss ([0-9.]+) +mean p ([0-9.]+)", out)}
+    (focal, p_f), (nll, p_n) = first["focal:2"], first["nll"]
+    assert p_f == p_n and p_f < 0.1, first
+    assert (1 - 3 * p_f) ** 2 * nll < focal < nll, first
 
 
 def test_sft_with_probe_tiny(tmp_path, capsys):
     pytest.importorskip("transformers")
     summary = _load("sft").main(["--tiny", "--probe", "--max-steps", "3", "--quiet", "--tiny-examples", "12",
-                                 "--tiny-hidden", "32", "--json", str(tmp_path / "s.json")])
+                                 "--tiny-hidden", "32", "--logging-steps", "1", "--json", str(tmp_path / "s.json")])
     out = capsys.readouterr().out
     assert "HEURISTIC" in out
-    assert summary["chosen_by_probe"] and summary["objective"] == summary["probe"]["recommendation"]["objective"]
-    assert summary["steps"] == 3 and summary["train_loss"] == summary["train_loss"]  # finite, not NaN
+    probe = summary["probe"]
+    assert summary["chosen_by_probe"] and summary["objective"] == probe["recommendation"]["objective"]
+    # the recommendation follows the stated cut-points (a random tiny model is model-weak: nll)
+    cuts = probe["recommendation"]["cut_points"]
+    assert probe["mean_p"] <= cuts["nll_at_or_below"] and summary["objective"] == "nll"
+    # the patched Trainer's first NLL (before any update) is the base model's -log p on one batch of
+    # the data the probe measured whole (mean log p over all 12 examples): the same quantity
+    losses = summary["logged_losses"]
+    assert summary["steps"] == 3 and len(losses) == 3
+    assert abs(losses[0] + probe["mean_logp"]) < 0.25, (losses, probe["mean_logp"])
+    assert summary["train_loss"] == pytest.approx(sum(losses) / 3, rel=1e-4)
     assert json.loads((tmp_path / "s.json").read_text())["objective"] == summary["objective"]
 
 
