@@ -42,6 +42,18 @@ def assert_grads_close(g0, g1, rtol=1e-5):
         torch.testing.assert_close(g1[k], g0[k], rtol=0, atol=rtol * scale, msg=k)
 
 
+def objective_from_logits(model, batch, objective):
+    """The objective computed independently of the patch: the model's own logits (a call without
+    labels runs the original forward), float64 log-softmax, mean over valid shifted labels."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits
+    labels = batch["labels"]
+    target = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], 1)
+    valid = target != -100
+    lp = torch.log_softmax(logits.double(), -1).gather(-1, target.clamp(min=0)[..., None])[..., 0][valid]
+    per = {"nll": -lp, "neg_p": -torch.expm1(lp)}[objective]
+    return per.mean()
+
+
 @pytest.mark.parametrize("objective", ["nll", "neg_p"])
 def test_gradient_accumulation_matches_one_batch(objective):
     ids, labels = examples()
@@ -164,16 +176,22 @@ def test_trl_sft_trainer_trains_with_the_objective(tmp_path, patch_how):
         trainer = trl.SFTTrainer(model=m, args=args, train_dataset=_sft_dataset(), processing_class=tok)
         batch = next(iter(trainer.get_train_dataloader()))
         batch = {k: v for k, v in batch.items()}
+        m.zero_grad(set_to_none=True)
         loss = trainer.compute_loss(trainer.model, dict(batch))
-        # the loss SFTTrainer trains on is the patched objective (neg_p), not TRL's own NLL
+        loss.backward()
+        g_trl = grads(m)
+        # the loss SFTTrainer trains on (TRL's fused_lm_head protocol) is neg_p computed from the
+        # model's own logits, not TRL's NLL, and so are its gradients
         plain = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
-        with torch.no_grad():
-            negp = m(**plain).loss
-            fo.set_objective(m, "nll")
-            nll = m(**plain).loss
-            fo.set_objective(m, "neg_p")
-        torch.testing.assert_close(loss.detach(), negp, rtol=1e-5, atol=1e-6)
+        m.zero_grad(set_to_none=True)
+        negp = objective_from_logits(m, plain, "neg_p")
+        negp.backward()
+        g_want = grads(m)
+        m.zero_grad(set_to_none=True)
+        nll = objective_from_logits(m, plain, "nll").detach()
+        torch.testing.assert_close(loss.detach().double(), negp.detach(), rtol=1e-5, atol=1e-7)
         assert abs(negp.item() - nll.item()) > 1e-2
+        assert_grads_close(g_want, g_trl, rtol=1e-4)
         before = m.lm_head.weight.detach().clone()
         trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -239,7 +257,7 @@ def test_trl_wrapping_a_patched_model_in_peft_itself_still_trains_on_the_objecti
         loss = trainer.compute_loss(trainer.model, dict(batch))
         plain = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
         with torch.no_grad():
-            want = trainer.model(**plain).loss
-        torch.testing.assert_close(loss.detach(), want, rtol=1e-5, atol=1e-6)
+            want = objective_from_logits(trainer.model, plain, "neg_p")
+        torch.testing.assert_close(loss.detach().double(), want, rtol=1e-5, atol=1e-7)
         trainer.train()
     assert all(0.0 <= h["loss"] <= 1.0 for h in trainer.state.log_history if "loss" in h)
