@@ -450,19 +450,40 @@ def verdict(rec: dict) -> str:
 
 
 # ------------------------------------------------------------------ the sweep
-def cases(entry: KernelEntry, dtypes: Sequence[str], smoke: bool) -> Iterator[Case]:
-    if smoke:
-        sets = entry.smoke or ({},)
-        feature_sets = [{**{k: False for k in entry.features}, **s} for s in sets]
-    else:
-        feature_sets = [dict(zip(entry.features, bits))
-                        for bits in itertools.product((False, True), repeat=len(entry.features))]
+def feature_sets(entry: KernelEntry, subset: str) -> List[Dict[str, bool]]:
+    """The feature combinations compiled for ``subset``:
+
+    - ``all``: every combination (the cross product);
+    - ``full``: every combination of the logit transforms (bias, scale, soft-cap) with the gradient
+      switches all on (as many as valid), plus every combination of the gradient switches with the
+      transforms all off and all on (backward: 16 instead of 40 per dtype and arch);
+    - ``smoke``: the entry's ``smoke`` sets (default: everything off), the test's subset.
+    """
+    names = entry.features
+    if subset == "smoke":
+        return [{**{k: False for k in names}, **s} for s in (entry.smoke or ({},))]
+    combos = [dict(zip(names, bits)) for bits in itertools.product((False, True), repeat=len(names))]
+    combos = [f for f in combos if entry.valid(f)]
+    grads = [k for k in names if k not in TRANSFORMS]
+    if subset == "all" or not grads:
+        return combos
+    keep = []
+    for f in combos:
+        transforms = [f[k] for k in names if k in TRANSFORMS]
+        most = max(sum(g[k] for k in grads) for g in combos if all(g[k] == f[k] for k in names if k in TRANSFORMS))
+        if sum(f[k] for k in grads) == most or all(transforms) or not any(transforms):
+            keep.append(f)
+    return keep
+
+
+def cases(entry: KernelEntry, dtypes: Sequence[str], subset: str) -> Iterator[Case]:
+    sets = feature_sets(entry, subset)
     for dname in dtypes:
         if dname not in entry.dtypes:
             continue
         dtype = DTYPES[dname]
         for cname, cfg in entry.configs(dtype).items():
-            for feats in feature_sets:
+            for feats in sets:
                 if entry.valid(feats):
                     yield Case(dtype, feats, cname, cfg)
 
@@ -491,14 +512,14 @@ def environment() -> dict:
     return env
 
 
-def run(kernels: Sequence[str], archs: Sequence[str], dtypes: Sequence[str], smoke: bool,
+def run(kernels: Sequence[str], archs: Sequence[str], dtypes: Sequence[str], subset: str,
         progress: Callable[[str], None] = lambda s: None,
         checkpoint: Callable[[List[dict]], None] = lambda recs: None) -> List[dict]:
     records = []
     for entry in KERNELS:
         if kernels and entry.name not in kernels:
             continue
-        for case in cases(entry, dtypes, smoke):
+        for case in cases(entry, dtypes, subset):
             for arch in archs:
                 rec = compile_case(entry, arch, case)
                 progress(f"{entry.name:<24} {arch:<6} {case.dtype.name:<9} {_feat_str(case.features):<28} "
@@ -545,6 +566,9 @@ def markdown(records: List[dict], env: dict) -> str:
         "`ptxas -v`; atomics from the PTX (`sem` as written, `relaxed` when absent); SASS counts from "
         "`cuobjdump -sass` (static instruction counts).",
         "",
+        f"Feature subset `{env.get('subset', 'full')}` (see `--subset`); row kernels have no `tl.dot`, so one "
+        "fp32 entry (`fp32-ieee`) covers both fp32 settings.",
+        "",
         f"**{len(records)} compilations of {len(kernels)} kernels ({', '.join(kernels)}); "
         f"{len(records) - len(bad)} ok, {len(bad)} with problems.**",
         "",
@@ -583,8 +607,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--kernel", nargs="+", default=[], help=f"only these ({', '.join(k.name for k in KERNELS)})")
     p.add_argument("--arch", nargs="+", choices=list(ARCHS), default=list(ARCHS))
     p.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=list(DTYPES))
-    p.add_argument("--subset", choices=["full", "smoke"], default="full",
-                   help="smoke: each kernel's default features only (the test's subset)")
+    p.add_argument("--subset", choices=["full", "all", "smoke"], default="full",
+                   help="full (default): every transform combination, every gradient-switch combination "
+                        "at transforms all off / all on; all: the whole cross product; smoke: each kernel's "
+                        "default features (the test's subset)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -607,7 +633,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 json.dump({"environment": env, "records": records}, f, indent=1)
                 f.write("\n")
     # the JSON is rewritten after every compilation: an interrupted sweep keeps what it compiled
-    records = run(args.kernel, args.arch, args.dtype, args.subset == "smoke", say, write_json)
+    env["subset"] = args.subset
+    records = run(args.kernel, args.arch, args.dtype, args.subset, say, write_json)
     write_json(records)
     if args.markdown:
         Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)

@@ -40,7 +40,7 @@ triton_cuda = pytest.mark.skipif(importlib.util.find_spec("triton") is None, rea
 def _smoke_ids():
     ids = []
     for entry in kr.KERNELS:
-        for case in kr.cases(entry, DTYPES, smoke=True):
+        for case in kr.cases(entry, DTYPES, "smoke"):
             for arch in kr.ARCHS:
                 # no config in the key: this process interprets, so the selectors return the interpreter's
                 ids.append((entry.name, arch, case.dtype.name, kr._feat_str(case.features)))
