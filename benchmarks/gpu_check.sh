@@ -26,6 +26,9 @@
 # tests.log, micro.json, bench.json, reference.json, profile.txt, summary.txt.
 # Environment: PYTHON (default python3; .venv/bin/python for a dry run when present),
 # GPU_CHECK_COMMIT (the commit measured: the GPU copy of the tree has no .git), LIMIT_* above.
+# Through the device tool: command `GPU_CHECK_COMMIT=<git rev-parse HEAD here> bash benchmarks/gpu_check.sh`,
+# carry [".whl"] (git-ignored: liger-kernel and cut-cross-entropy wheels, `pip download <name> --no-deps -d .whl/`),
+# timeout_s 330; then commit $OUT's files under benchmarks/results/gpu-check-<gpu>-<date>/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY=0
