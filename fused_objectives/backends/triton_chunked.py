@@ -217,14 +217,15 @@ class TritonChunkedBackend:
             # otherwise row chunks too, and dW_s accumulates over them
             cols = min(V, max(MIN_SLAB_COLS, chunk_rows(n, dt) // MIN_SLAB_COLS * MIN_SLAB_COLS))
             rows = min(n, chunk_rows(cols, dt))
-            buf = torch.empty(rows, cols, dtype=dt, device=dev)
+            # flat, so the last (narrower) slab's [rows, width] view is contiguous too
+            buf = torch.empty(rows * cols, dtype=dt, device=dev)
             prod = torch.empty(rows, H, dtype=dt, device=dev) if need_dx and dt != f32 else None
             for v0 in range(0, V, cols):
                 v1 = min(V, v0 + cols)
                 w_s = weight[v0:v1]
                 for r0 in range(0, n, rows):
                     r1 = min(n, r0 + rows)
-                    z = torch.mm(x[r0:r1], w_s.T, out=buf[: r1 - r0, : v1 - v0])
+                    z = torch.mm(x[r0:r1], w_s.T, out=buf[: (r1 - r0) * (v1 - v0)].view(r1 - r0, v1 - v0))
                     dz = row_kernels.softmax_grad_(z, bias, t[r0:r1], m[r0:r1], log_norm[r0:r1], omp[r0:r1],
                                                    c[r0:r1], opts, col0=v0)
                     if need_dx:
