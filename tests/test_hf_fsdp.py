@@ -1,5 +1,6 @@
 """FSDP2 (fully_shard, gloo on CPU, 2 ranks) shards lm_head: the patched model's loss and gradients still
-equal the unsharded unpatched model's, because the fused loss runs inside the head's own call."""
+equal the unsharded unpatched model's (the objective computed from its logits in float64), because the
+fused loss runs inside the head's own call."""
 import os
 import socket
 
@@ -52,10 +53,17 @@ def _one(rank, objective):
     labels[:, :3] = -100
     labels[1, 6] = -100
     n_items = (labels[:, 1:] != -100).sum()
+    # the reference: the unpatched, unsharded model on the whole batch, the objective computed from
+    # its own logits in float64 (independent of the patch)
     ref = _tiny()
-    fo.patch_model(ref, objective=objective)  # unsharded, whole batch: the reference
-    ref_loss = ref(input_ids=ids, labels=labels).loss
+    logits = ref(input_ids=ids).logits
+    target = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], 1)
+    valid = target != -100
+    lp = torch.log_softmax(logits.double(), -1).gather(-1, target.clamp(min=0)[..., None])[..., 0][valid]
+    per = {"nll": -lp, "neg_p": -torch.expm1(lp)}[objective]
+    ref_loss = per.sum() / n_items
     ref_loss.backward()
+    ref_loss = ref_loss.float()
 
     m = _tiny()
     mesh = init_device_mesh("cpu", (WORLD,))
