@@ -157,7 +157,7 @@ def test_fp32_dw_buffer_is_no_less_accurate(monkeypatch):
     for mode in ("input", "fp32"):
         monkeypatch.setattr(triton_chunked, "DW_ACCUMULATE", mode)
         errs[mode] = (fused("triton_chunked", h, w, t)["dw"].double() - want).norm().item()
-    assert errs["fp32"] <= errs["input"], errs
+    assert errs["fp32"] < 0.9 * errs["input"], errs
 
 
 def test_bad_dw_mode_is_a_clear_error(monkeypatch):
