@@ -293,6 +293,36 @@ def test_num_items_in_batch_and_normalize_kept():
         m(**inputs, num_items_in_batch=40)
 
 
+def test_normalize_kept_value_and_gradient():
+    """normalize="kept" divides by the tokens that pass the gate, "valid" by all valid tokens: both
+    against the objective computed from the unpatched model's logits in float64."""
+    m = tiny()
+    inputs = batch(B=3, T=12)
+    m.zero_grad(set_to_none=True)
+    logits = m(input_ids=inputs["input_ids"]).logits
+    labels = inputs["labels"]
+    target = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], 1)
+    valid = target != -100
+    lp = torch.log_softmax(logits.double(), -1).gather(-1, target.clamp(min=0)[..., None])[..., 0][valid]
+    ps = lp.detach().exp().sort().values
+    k = ps.numel() // 2
+    t = float((ps[k - 1] + ps[k]) / 2)  # keeps about half of the tokens, none of them near the edge
+    kept = lp.detach().exp() >= t
+    assert 0 < kept.sum() < valid.sum()
+    want_kept = (-lp * kept).sum() / kept.sum()
+    want_kept.backward()
+    g_want = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    want_valid = (-lp.detach() * kept).sum() / valid.sum()
+    spec = f"nll_top:{t!r}"
+    fo.patch_model(m, objective=spec, normalize="kept")
+    out, g_got = loss_and_grads(m, inputs)
+    torch.testing.assert_close(out.loss.double(), want_kept.detach(), rtol=1e-5, atol=1e-7)
+    assert_grads_close(g_want, g_got, rtol=1e-4)
+    fo.patch_model(m, objective=spec, normalize="valid")
+    with torch.no_grad():
+        torch.testing.assert_close(m(**inputs).loss.double(), want_valid, rtol=1e-5, atol=1e-7)
+
+
 def test_bad_options_raise_clear_errors():
     m = tiny()
     with pytest.raises(TypeError, match="unexpected loss option 'temperature'"):
@@ -423,8 +453,21 @@ def test_trl_fused_lm_head_protocol_gets_the_objective():
     torch.testing.assert_close(trl_loss, out.loss, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(trl_loss, m(**inputs).loss, rtol=1e-6, atol=1e-6)
     assert out.log_probs.shape == (2, 7) and out.is_top1.shape == (2, 7)
+    m.zero_grad(set_to_none=True)
     trl_loss.backward()
-    assert m.lm_head.weight.grad is not None
+    g_trl = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    # loss and gradients (through the per-token backward) against neg_p on the model's own logits
+    m.zero_grad(set_to_none=True)
+    logits = m(input_ids=inputs["input_ids"]).logits
+    labels = inputs["labels"]
+    target = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], 1)
+    valid = target != -100
+    lp = torch.log_softmax(logits.double(), -1).gather(-1, target.clamp(min=0)[..., None])[..., 0][valid]
+    want = (-torch.expm1(lp)).mean()
+    want.backward()
+    g_want = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    torch.testing.assert_close(trl_loss.detach().double(), want.detach(), rtol=1e-5, atol=1e-7)
+    assert_grads_close(g_want, g_trl, rtol=1e-4)
 
 
 def test_decoder_run_outside_the_patched_forward_in_training_is_refused():
