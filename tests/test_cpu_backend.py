@@ -197,3 +197,156 @@ def test_no_compiler_is_a_clear_error(tmp_path):
     assert "ERR" in out.stdout, out.stdout + out.stderr
     msg = out.stdout.split("ERR", 1)[1]
     assert "C++17 compiler" in msg and "g++" in msg and "backend='reference'" in msg, msg
+
+
+# ---------------------------------------------------------------- half-precision GEMMs (issue 16)
+
+def _truth64(h, w, t, b, objective, reduction, softcap=None, logit_scale=None, upstream=None):
+    """float64 loss and gradients from the definitions, on the inputs' own (rounded) values."""
+    h64, w64 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    b64 = None if b is None else b.detach().double().requires_grad_()
+    z = h64 @ w64.T + (0 if b64 is None else b64)
+    if logit_scale is not None:
+        z = z * logit_scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    valid = t != -100
+    lp = torch.log_softmax(z, -1).gather(1, t.clamp(min=0)[:, None])[:, 0]
+    per_tok = {"nll": -lp, "neg_p": -torch.expm1(lp)}[objective] * valid
+    if reduction == "none":
+        loss = per_tok
+        (loss * upstream.double()).sum().backward()
+    else:
+        loss = per_tok.sum() / (valid.sum() if reduction == "mean" else 1)
+        loss.backward()
+    return {"loss": loss.detach(), "dh": h64.grad, "dw": w64.grad, "db": None if b64 is None else b64.grad}
+
+
+@pytest.fixture
+def half_gemm(request, monkeypatch):
+    """Force the GEMM-dtype decision (FUSED_OBJECTIVES_CPU_HALF_GEMM) for one test."""
+    monkeypatch.setenv("FUSED_OBJECTIVES_CPU_HALF_GEMM", request.param)
+    return request.param == "1"
+
+
+@pytest.mark.parametrize("budget", [BUDGETS[0], BUDGETS[2]], ids=["one-tile", "tiny-tiles"], indirect=True)
+@pytest.mark.parametrize("half_gemm", ["1", "0"], ids=["half-gemm", "fp32-gemm"], indirect=True)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", [
+    dict(objective="neg_p", reduction="mean", bias=True),
+    dict(objective="nll", reduction="none", softcap=3.0, logit_scale=0.7),
+], ids=["neg_p-mean-bias", "nll-none-softcap-scale"])
+def test_half_precision_no_worse_than_eager_same_dtype(budget, half_gemm, dtype, case):
+    # bf16 / fp16 inputs, GEMMs in that dtype or in fp32: loss and gradients against a float64
+    # truth no worse than eager PyTorch in the same dtype (logits in the input dtype)
+    case = dict(case)
+    bias = case.pop("bias", False)
+    h, w, t, b = make_inputs(N=40, H=32, V=257, dtype=dtype, bias=bias, peaked=3.0, ignore_frac=0.2, seed=3)
+    up = torch.randn(t.shape, generator=torch.Generator().manual_seed(1)) if case["reduction"] == "none" else None
+    fused = run(h, w, t, b, upstream=up, backend="cpu", **case)
+    base = naive_same_dtype(h, w, t, b, upstream=up, **case)
+    truth = _truth64(h, w, t, b, upstream=up, **case)
+    for key in ("dh", "dw", "db"):
+        if fused[key] is not None:
+            assert fused[key].dtype == dtype, key
+    assert_no_worse(fused, base, truth, what=f"{dtype} half_gemm={half_gemm} ")
+
+
+def test_half_gemm_decision_is_cached_and_overridable(monkeypatch):
+    monkeypatch.delenv("FUSED_OBJECTIVES_CPU_HALF_GEMM", raising=False)
+    assert cpu.half_gemm(torch.float32) is False
+    first = cpu.half_gemm(torch.bfloat16)
+    assert isinstance(first, bool) and cpu._HALF_GEMM[torch.bfloat16] is first
+    monkeypatch.setattr(cpu, "_gemm_times", lambda dtype: pytest.fail("measured twice"))
+    assert cpu.half_gemm(torch.bfloat16) is first
+    monkeypatch.setenv("FUSED_OBJECTIVES_CPU_HALF_GEMM", "0")
+    assert cpu.half_gemm(torch.bfloat16) is False
+    monkeypatch.setenv("FUSED_OBJECTIVES_CPU_HALF_GEMM", "1")
+    assert cpu.half_gemm(torch.float16) is True
+
+
+def test_half_gemm_prefers_the_faster_kernels(monkeypatch):
+    # the decision follows the measurement: a dtype 10x slower than fp32 (no native kernels) stays fp32
+    monkeypatch.delenv("FUSED_OBJECTIVES_CPU_HALF_GEMM", raising=False)
+    monkeypatch.setattr(cpu, "_HALF_GEMM", {})
+    monkeypatch.setattr(cpu, "_gemm_times", lambda dtype: (10.0, 1.0) if dtype == torch.float16 else (0.3, 1.0))
+    assert cpu.half_gemm(torch.float16) is False
+    assert cpu.half_gemm(torch.bfloat16) is True
+
+
+# ---------------------------------------------------------------- issue 12, items 3, 4, 5
+
+@pytest.mark.parametrize("softcap", [1e8, 30.0])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_softcap_tanh_accurate(softcap, reduction):
+    # softcap 1e8: tanh of ~1e-8 arguments, where (1 - e) / (1 + e) with e = exp(-2|a|) cancels
+    h, w, t, b = make_inputs(N=40, H=16, V=300, bias=True, peaked=3.0, seed=5)
+    h = h * 4  # logits of tens: the soft-cap at 30 bends them
+    up = torch.randn(t.shape, generator=torch.Generator().manual_seed(2)) if reduction == "none" else None
+    kw = dict(objective="nll", reduction=reduction, softcap=softcap)
+    fused = run(h, w, t, b, upstream=up, backend="cpu", **kw)
+    base = naive_same_dtype(h, w, t, b, upstream=up, **kw)
+    truth = _truth64(h, w, t, b, upstream=up, **kw)
+    assert_no_worse(fused, base, truth, k=4.0, what=f"softcap={softcap} {reduction} ")
+
+
+@pytest.mark.parametrize("scale", [1e4, 1e6])
+@pytest.mark.parametrize("api", ["none", "target_logprob", "mean"])
+def test_large_logit_scale_backward_consistent(scale, api):
+    # Logits near 1e4 / 1e6 that differ by O(1): raw logits 1 + d with d ~ 3 / scale (hidden =
+    # [one-hot, 1], weight = [d, 1]: two products per dot product, so every GEMM rounds them
+    # alike), then one fp32 rounding of raw * scale, the same in the forward and in every
+    # recomputation.  The truth is float64 on those fp32 logits; a backward that rounds
+    # differently from the forward (an FMA fusing raw * scale - max) is off by up to ulp(1e6) =
+    # 0.06 in the logits, i.e. percents.
+    N, H, V = 24, 40, 64
+    g = torch.Generator().manual_seed(4)
+    k = torch.randint(0, H, (N,), generator=g)
+    h = torch.cat([torch.nn.functional.one_hot(k, H).float(), torch.ones(N, 1)], 1)
+    w = torch.cat([torch.randn(V, H, generator=g) * (3.0 / scale), torch.ones(V, 1)], 1)
+    t = torch.randint(0, V, (N,), generator=g)
+    up = torch.randn(N, generator=g)
+    hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+    if api == "target_logprob":
+        out = fo.target_logprob(hh, ww, t, logit_scale=scale, backend="cpu")
+        (out * up).sum().backward()
+        sign, upstream = 1.0, up
+    elif api == "none":
+        out = fo.linear_objective_loss(hh, ww, t, reduction="none", logit_scale=scale, backend="cpu")
+        (out * up).sum().backward()
+        sign, upstream = -1.0, up
+    else:
+        fo.linear_objective_loss(hh, ww, t, reduction="sum", logit_scale=scale, backend="cpu").backward()
+        sign, upstream = -1.0, torch.ones(N)
+    z32 = (h @ w.T) * torch.tensor(scale, dtype=torch.float32)  # round(1 + d), then one rounding
+    p = torch.softmax(z32.double(), -1)
+    dz = sign * upstream.double()[:, None] * (torch.nn.functional.one_hot(t, V).double() - p) * scale
+    dh, dw = dz @ w.double(), dz.T @ h.double()
+    # dh's last column sums dz over the vocabulary (zero up to cancellation): left out
+    for got, want, name in ((hh.grad[:, :H], dh[:, :H], "dh"), (ww.grad, dw, "dw")):
+        rel = ((got.double() - want).abs().max() / want.abs().max()).item()
+        assert rel < 1e-4, f"{name}: relative error {rel:.2e} at logit_scale={scale}"
+
+
+def test_confident_token_loss_accurate_on_every_path():
+    # 1 - p = 1e-7: the NLL is log1p(1e-7); log(1 + rest) in fp32 is 19% off.  Every path (scalar
+    # loss with gradients in the forward, without gradients, per-token) gives the same value.
+    V = 5
+    rest = 1e-7
+    w = torch.zeros(V, 1)
+    w[1:, 0] = float(torch.log(torch.tensor(rest / (V - 1), dtype=torch.float64)))
+    h = torch.ones(6, 1)
+    t = torch.zeros(6, dtype=torch.long)
+    truth = torch.log_softmax((h.double() @ w.double().T), -1)[:, 0].neg()  # float64, same inputs
+    want = truth.mean().item()
+    assert 0.9e-7 < want < 1.1e-7
+    hh = h.clone().requires_grad_()
+    got = {
+        "mean+grad": fo.linear_objective_loss(hh, w, t, backend="cpu").item(),
+        "mean": fo.linear_objective_loss(h, w, t, backend="cpu").item(),
+        "sum+grad": fo.linear_objective_loss(hh, w, t, reduction="sum", backend="cpu").item() / 6,
+        "none": fo.linear_objective_loss(hh, w, t, reduction="none", backend="cpu").mean().item(),
+        "logprob": -fo.target_logprob(h, w, t, backend="cpu").mean().item(),
+    }
+    for name, value in got.items():
+        assert value == pytest.approx(want, rel=1e-5), (name, got)
