@@ -39,6 +39,11 @@ def _leaf(x):
     return x.detach().clone().requires_grad_()
 
 
+def _dev(backend):
+    """CUDA for the Triton backends on a CUDA machine; else the CPU (Triton under its interpreter)."""
+    return "cuda" if backend.startswith("triton") and torch.cuda.is_available() else "cpu"
+
+
 # ---------------------------------------------------------------- 1. double backward
 
 def _gradient_penalty(loss_fn, h, w):
@@ -62,12 +67,14 @@ def _truth_penalty(h, w, t, reduction):
 
 def _fused_penalty(backend, reduction):
     h, w, t = _inputs()
+    dev = _dev(backend)
 
     def loss_fn(h, w):
-        loss = fo.linear_objective_loss(h, w, t, reduction=reduction, backend=backend)
+        loss = fo.linear_objective_loss(h, w, t.to(dev), reduction=reduction, backend=backend)
         return loss.sum() if reduction == "none" else loss
 
-    return _gradient_penalty(loss_fn, h, w), _truth_penalty(h, w, t, reduction)
+    dh, dw = _gradient_penalty(loss_fn, h.to(dev), w.to(dev))
+    return (dh.cpu(), dw.cpu()), _truth_penalty(h, w, t, reduction)
 
 
 @pytest.mark.parametrize("reduction", ["none", "mean"])
@@ -102,16 +109,17 @@ def test_double_backward_per_token_path_and_reference():
 
 def test_target_logprob_double_backward(fused_backend):
     h, w, t = _inputs()
-    hh, ww = _leaf(h), _leaf(w)
-    lp = fo.target_logprob(hh, ww, t, backend=fused_backend)
+    dev = _dev(fused_backend)
+    hh, ww = _leaf(h.to(dev)), _leaf(w.to(dev))
+    lp = fo.target_logprob(hh, ww, t.to(dev), backend=fused_backend)
     (gh,) = torch.autograd.grad((lp * lp).sum(), hh, create_graph=True)
     gh.square().sum().backward()
     h64, w64 = _leaf(h.double()), _leaf(w.double())
     tl, _ = _truth_logp(h64, w64, t)
     (tgh,) = torch.autograd.grad((tl * tl).sum(), h64, create_graph=True)
     tgh.square().sum().backward()
-    torch.testing.assert_close(hh.grad.double(), h64.grad, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(ww.grad.double(), w64.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(hh.grad.cpu().double(), h64.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(ww.grad.cpu().double(), w64.grad, rtol=1e-4, atol=1e-6)
 
 
 # ---------------------------------------------------------------- 2. objectives with parameters
@@ -191,6 +199,27 @@ def test_loss_value_independent_of_path(spec):
     per_tok = fo.linear_objective_loss(_leaf(h), _leaf(w), t, objective=spec, reduction="none", backend="cpu")
     torch.testing.assert_close(with_grad.detach(), no_grad, rtol=2e-6, atol=1e-6)
     torch.testing.assert_close(per_tok.detach().sum(), no_grad, rtol=2e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("spec", ["nll", "neg_p", "power:1e-9"])
+def test_confident_token_losses_on_every_path(fused_backend, spec):
+    # exactly representable logits (z_t - z_j = gap, V - 1 rivals): 1 - p from 7e-7 to 6e-10, where
+    # a log(rest + e_t) or 1 - exp(l) form loses most digits; every path must give the same value
+    gaps = torch.tensor([16.0, 17.0, 20.0, 23.0, 5.0])
+    N, V = len(gaps), 7
+    h = torch.stack([gaps, torch.ones(N)], 1)
+    w = torch.zeros(V, 2)
+    w[1:, 0] = -1.0
+    t = torch.zeros(N, dtype=torch.long)
+    lp = -torch.log1p((V - 1) * torch.exp(-gaps.double()))
+    h, w, t = (x.to(_dev(fused_backend)) for x in (h, w, t))
+    truth = {"nll": -lp, "neg_p": -torch.expm1(lp), "power:1e-9": -torch.expm1(1e-9 * lp) / 1e-9}[spec]
+    per_tok = fo.linear_objective_loss(_leaf(h), w, t, objective=spec, reduction="none", backend=fused_backend)
+    assert ((per_tok.detach().cpu().double() - truth).abs() / truth).max() < 1e-6
+    for i in range(N):  # scalar losses one token at a time: with gradients (in the forward) and without
+        for x in (_leaf(h[i:i + 1]), h[i:i + 1]):
+            got = fo.linear_objective_loss(x, w, t[i:i + 1], objective=spec, reduction="sum", backend=fused_backend)
+            assert abs(got.item() - truth[i].item()) / truth[i].item() < 1e-6, (i, x.requires_grad, got.item())
 
 
 # ---------------------------------------------------------------- 6. num_items_in_batch tensors
@@ -346,7 +375,7 @@ def test_reference_backward_is_fp32_under_autocast():
 
 # ---------------------------------------------------------------- 12. fp16 needs a loss scaler
 
-@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("backend", fo.available_backends())
 def test_fp16_small_gradients_need_a_loss_scale(backend):
     # unlikely targets (p ~ 1e-9) averaged over the tokens: dLoss/dh ~ p / N * |w| lies below
     # fp16's smallest subnormal (6e-8) and rounds to 0 unless the loss is scaled (as GradScaler does)
@@ -356,10 +385,11 @@ def test_fp16_small_gradients_need_a_loss_scale(backend):
     t = (h16.double() @ w16.double().T).argmin(dim=1)
     scale = 2.0**24
     grads = {}
+    dev = _dev(backend)
     for s in (1.0, scale):
-        hh = _leaf(h16)
-        (fo.linear_objective_loss(hh, w16, t, objective="neg_p", backend=backend) * s).backward()
-        grads[s] = hh.grad.double() / s
+        hh = _leaf(h16.to(dev))
+        (fo.linear_objective_loss(hh, w16.to(dev), t.to(dev), objective="neg_p", backend=backend) * s).backward()
+        grads[s] = hh.grad.cpu().double() / s
     h64 = _leaf(h16.double())
     lp, _ = _truth_logp(h64, w16.double(), t)
     (1 - lp.exp()).mean().backward()  # float64; expm1's autograd derivative would round here
