@@ -199,3 +199,20 @@ def test_memory_far_below_logits(backend):
         # the chunk buffer (the budget), X / dX chunks and [N] vectors; the autograd layer's
         # scaled copy of the stored gradients is gradient-sized
         assert extra - 2 * grads < configs.CHUNK_BUDGET_BYTES + 64 * 2**20, (extra, grads)
+
+
+def test_tanh_helper_compiled():
+    # the compiled tl.exp is an approximation (ex2.approx): the soft-cap tanh must still hold a few ulps
+    from test_triton_strategies import tanh_probe_kernel
+
+    mag = torch.logspace(-9, 1.3, 200, dtype=torch.float64)
+    x = torch.cat([mag, -mag, torch.tensor([0.0, 0.2999, 0.3, 0.3001], dtype=torch.float64)]).float()
+    xd = x.cuda()
+    t, d = torch.empty_like(xd), torch.empty_like(xd)
+    tanh_probe_kernel[(1,)](xd, t, d, x.numel(), BLOCK=512)
+    x64 = x.double()
+    nz = x != 0
+    rel_t = ((t.cpu().double() - torch.tanh(x64)).abs()[nz] / torch.tanh(x64).abs()[nz]).max().item()
+    d_true = 1 / torch.cosh(x64) ** 2
+    rel_d = ((d.cpu().double() - d_true).abs() / d_true).max().item()
+    assert rel_t < 16 * 2.0 ** -24 and rel_d < 16 * 2.0 ** -24, (rel_t, rel_d)

@@ -15,6 +15,8 @@ from helpers import assert_no_worse, ground_truth, make_inputs, naive_same_dtype
 
 REPO = Path(__file__).resolve().parents[1]
 interpreter_only = pytest.mark.skipif(not configs.interpreting(), reason="counts the interpreter's tl.dot calls")
+# CPU tensors through the Triton backends: the interpreter only (tests/test_gpu.py covers CUDA)
+cpu_tensors = pytest.mark.skipif(not configs.interpreting(), reason="CPU tensors need TRITON_INTERPRET=1")
 
 
 class LargestAllocation(TorchDispatchMode):
@@ -35,6 +37,7 @@ class LargestAllocation(TorchDispatchMode):
 # The dispatch mode sees the Triton launchers' allocations; the CPU backend's C++ operators and
 # budgeted chunk buffers are checked with the profiler in test_cpu_backend.py.  The chunked
 # strategies hold one budgeted [rows, V] buffer: a budget of 8 rows keeps it far below N * V.
+@cpu_tensors
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("objective", ["nll", "nll_top:0.3"])
 @pytest.mark.parametrize("fused_backend", ["triton_fused", "triton_chunked", "triton"])
@@ -59,6 +62,7 @@ def _check_triton(h, w, t, b=None, **kw):
     assert_no_worse(fused, naive_same_dtype(h, w, t, b, **kw), ground_truth(h, w, t, b, **kw))
 
 
+@cpu_tensors
 @pytest.mark.parametrize("target_programs", [1, 10_000], ids=["one-split", "many-splits"])
 def test_vocabulary_split_paths(monkeypatch, target_programs):
     monkeypatch.setattr(configs, "TARGET_PROGRAMS", target_programs)
@@ -74,6 +78,7 @@ def test_vocabulary_split_paths(monkeypatch, target_programs):
     assert stats.accuracy.item() == ref.accuracy.item()
 
 
+@cpu_tensors
 def test_dw_slabs(monkeypatch):
     # a half-precision weight accumulates dW in fp32 one vocabulary slab at a time
     monkeypatch.setattr(configs, "DW_SLAB_BYTES", 4 * 16 * 32)  # 32 rows of H=16 -> 5 slabs for V=150
