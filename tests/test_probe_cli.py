@@ -183,11 +183,9 @@ def test_cli_other_errors(tiny, tmp_path, capsys):
 
 
 def test_console_command_wiring(tiny, capsys):
-    """`fused-objectives probe` goes through fused_objectives/cli.py when that exists."""
-    try:
-        from fused_objectives import cli
-    except ImportError:
-        pytest.skip("fused_objectives.cli is not there yet")
+    """`fused-objectives probe` goes through fused_objectives/cli.py."""
+    from fused_objectives import cli
+
     _, model_dir, data = tiny
     rc = cli.main(["probe", "--model", model_dir, "--data", data, "--limit", "2", "--no-progress"])
     assert rc in (0, None)
