@@ -9,7 +9,9 @@ default config (no download), runs the unpatched training forward and backward, 
 3. ``unpatch_model`` restores the original forward and its loss.
 
 Outcomes: ``exact`` (all three hold), ``refused`` (the patched forward raised
-``UnsupportedModelError``: the family does something the generic path cannot reproduce),
+``UnsupportedModelError``: the family does something the generic path cannot reproduce; families in
+``hf.refusals.KNOWN_REFUSALS`` must also be refused by ``patch_model`` itself, and must still be
+refused by the generic path, else the check FAILS),
 ``skipped`` (no tiny model could be built, or its unpatched training forward fails on CPU) and
 ``FAILED`` (a different number: a bug).  ``python -m fused_objectives.integrations.hf_verify``
 prints the table for the installed transformers; the tests and ``scripts/gen_supported_models.py``
@@ -25,6 +27,7 @@ from typing import List, Optional
 import torch
 
 from .hf import UnsupportedModelError, patch_model, set_objective, unpatch_model
+from .hf.refusals import known_refusal
 
 # Attribute -> tiny value, set where the config has the attribute (aliases resolve via attribute_map)
 TINY = dict(
@@ -195,12 +198,25 @@ def check_family(model_type: str, class_name: str = "") -> FamilyResult:
     model.zero_grad(set_to_none=True)
     logits0 = out0.logits.detach().float()
     labels = inputs["labels"]
+    cfg = model.config
+    known = known_refusal(cfg.model_type, cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg)
+    if known is not None:
+        try:
+            patch_model(model, objective="nll")
+        except UnsupportedModelError:
+            pass
+        else:
+            _safe_unpatch(model)
+            res.status, res.reason = "FAILED", "listed in KNOWN_REFUSALS but patch_model accepted it"
+            return res
     try:
-        patch_model(model, objective="nll")
+        _patch_without_known_refusals(model, "nll")
         out1 = model(**inputs)
         out1.loss.backward()
     except UnsupportedModelError as e:
-        res.status, res.reason = "refused", str(e).split(": ", 1)[-1].split(". The fused loss")[0]
+        runtime = str(e).split(": ", 1)[-1].split(". The fused loss")[0]
+        res.status = "refused"
+        res.reason = known if known is not None else f"at the first training call: {runtime}"
         _safe_unpatch(model)
         return res
     except Exception as e:
@@ -213,6 +229,10 @@ def check_family(model_type: str, class_name: str = "") -> FamilyResult:
     except Exception as e:  # after a successful build, any exception is a failure of the patch
         problems = [f"raised {_first_line(e)} | " + traceback.format_exc(limit=-3).replace("\n", " ")[-300:]]
         _safe_unpatch(model)
+    if known is not None:
+        problems.append("listed in KNOWN_REFUSALS (refused by patch_model) but the generic patch runs: "
+                        + ("; ".join(problems) if problems else "exactly") + "; remove it from the list")
+        problems = problems[-1:]
     if problems:
         res.status, res.reason = "FAILED", "; ".join(problems)
     else:
@@ -261,6 +281,15 @@ def _compare(model, inputs, res, out1, loss0, g0, logits0, labels) -> List[str]:
     if out2.logits is None or abs(out2.loss.item() - loss0.item()) > 1e-6 * (1 + abs(loss0.item())):
         problems.append("unpatched model does not give its original output back")
     return problems
+
+
+def _patch_without_known_refusals(model, objective: str) -> None:
+    """patch_model minus its KNOWN_REFUSALS check: the run-time refusal is what the list is checked against."""
+    from .hf.options import _make_options
+    from .hf.patch import _install, _resolve
+
+    kind, obj, outer = _resolve(model)
+    _install(kind, obj, outer, _make_options(objective, {}), model)
 
 
 def _safe_unpatch(model):

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 
+from ...functional import validate_options
 from ...objectives import Objective, get_objective
 
 
@@ -74,7 +75,12 @@ def _make_options(objective, loss_options: dict) -> PatchOptions:
     for name in ("return_logits", "liger"):
         if not isinstance(opts[name], bool):
             raise TypeError(f"{name} must be a bool, got {type(opts[name]).__name__}")
+    # the loss's own validation, now rather than at the first training step (backend="cpux", a bad
+    # objective spec, an ignore_index no int64 target can hold, ...)
+    validate_options(objective=objective, ignore_index=ii, normalize=opts["normalize"], backend=opts["backend"])
     ev = opts["eval_objective"]
+    if ev is not None:
+        validate_options(objective=ev)
     return PatchOptions(objective=get_objective(objective), ignore_index=int(ii), normalize=opts["normalize"],
                         backend=opts["backend"], return_logits=opts["return_logits"],
                         eval_objective=None if ev is None else get_objective(ev), liger=opts["liger"])

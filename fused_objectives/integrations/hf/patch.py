@@ -14,7 +14,7 @@ from ...objectives import get_objective
 from .head import _check_head, _logit_transform
 from .hooks import _install_hooks, _make_class_call, _remove_hooks
 from .options import _make_options, _require_transformers
-from .refusals import _refuse
+from .refusals import _refuse, _refuse_at_patch, known_refusal
 from .state import _MISSING, _PatchState, _STATE, _class_state, _state_of
 from .training_call import _run
 
@@ -125,6 +125,28 @@ def patch_model(model_or_model_type, objective="neg_p", **loss_options):
     """
     options = _make_options(objective, loss_options)
     kind, obj, outer = _resolve(model_or_model_type)
+    _refuse_known(kind, obj)
+    return _install(kind, obj, outer, options, model_or_model_type)
+
+
+def _refuse_known(kind, obj) -> None:
+    """Refuse now a family that would be refused at its first training call (``KNOWN_REFUSALS``)."""
+    if kind == "instance":
+        cfg = getattr(obj, "config", None)
+        text = cfg.get_text_config() if cfg is not None and hasattr(cfg, "get_text_config") else cfg
+        reason = known_refusal(getattr(cfg, "model_type", None), text)
+        if reason is not None:
+            _refuse_at_patch(cfg.model_type, type(obj).__name__, reason)
+    else:
+        model_type = getattr(getattr(obj, "config_class", None), "model_type", None)
+        reason = known_refusal(model_type)
+        if reason is not None:
+            _refuse_at_patch(model_type, obj.__qualname__, reason)
+
+
+def _install(kind, obj, outer, options, model_or_model_type):
+    """Patch after validation (``hf_verify`` calls this directly to check ``KNOWN_REFUSALS`` against the
+    refusal at run time)."""
     if kind == "instance":
         _check_head(obj, obj.get_output_embeddings(), obj.training)
         scale, softcap = _logit_transform(obj)

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from ...functional import linear_objective_loss
-from .head import _apply_transform, _check_head, _head_params, _logit_transform
+from .head import _apply_transform, _check_head, _head_params, _logit_transform, _text_config
 from .refusals import UnsupportedModelError, _refuse
 from .state import _ACTIVE, _MISSING, _PatchState, _active_depth
 
@@ -153,7 +153,14 @@ class _Call:
         if not _same(num_items_in_batch, self.num_items):
             _refuse(model, "its forward passes its loss a num_items_in_batch that differs from the one it was given")
         if vocab_size is not None and int(vocab_size) != self.vocab:
-            _refuse(model, f"its loss is over vocab_size={vocab_size} but its LM head has {self.vocab} rows")
+            # a family that passes vocab_size=logits.shape[-1] reads the stand-in's width: fine unless its
+            # config declares a padded head whose extra rows it slices off (unpadded_vocab_size)
+            unpadded = getattr(_text_config(model), "unpadded_vocab_size", None)
+            reads_width = (isinstance(logits, torch.Tensor) and not opts.return_logits
+                           and int(vocab_size) == logits.shape[-1] == self.stand_in.shape[-1])
+            if not reads_width or (isinstance(unpadded, int) and unpadded < self.vocab):
+                _refuse(model, f"its loss is over vocab_size={unpadded if reads_width else vocab_size} but its "
+                               f"LM head has {self.vocab} rows")
         if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != tuple(self.stand_in.shape):
             got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
             _refuse(model, f"its forward reshapes or slices the logits before its loss (head output "
@@ -255,11 +262,12 @@ def _run(model, state: _PatchState, original, args, kwargs):
                 out = original(*args, **kwargs)
         except UnsupportedModelError:
             raise
-        except Exception as e:
+        except Exception:
             if call.head_done and not call.loss_calls:
-                _refuse(model, "its forward does not hand the head's logits to model.loss_function unchanged (it "
-                               "computes its loss inline or reshapes the logits first; with the head's output it "
-                               f"raised {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})")
+                # the forward failed on the head's stand-in output: it computes a loss of its own from the
+                # logits (the original exception is chained, for whoever debugs a new family)
+                _refuse(model, "its forward does not hand the head's logits to model.loss_function unchanged: it "
+                               "computes its loss itself (or reshapes the logits first)")
             raise
         if call.loss_calls != 1:
             _refuse(model, "its forward does not compute its loss through model.loss_function "
