@@ -350,3 +350,52 @@ def test_confident_token_loss_accurate_on_every_path():
     }
     for name, value in got.items():
         assert value == pytest.approx(want, rel=1e-5), (name, got)
+
+
+# ---------------------------------------------------------------- build cache (issue 12 item 11)
+
+_BUILD = """
+import sys
+from pathlib import Path
+from fused_objectives.backends import cpu
+cpu._source_path = lambda: Path(sys.argv[1])
+err = cpu._Loader._build()
+print("OK" if err is None else "ERR " + err)
+"""
+
+
+def _builder(source, cache, quiet=False):
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FUSED_OBJECTIVES_QUIET")}
+    env["TORCH_EXTENSIONS_DIR"] = str(cache)
+    if quiet:
+        env["FUSED_OBJECTIVES_QUIET"] = "1"
+    return subprocess.Popen([sys.executable, "-c", _BUILD, str(source)], cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _finish(proc):
+    out, err = proc.communicate(timeout=600)
+    assert "OK" in out, out + err
+    return err.count("fused_objectives: compiling the CPU kernels")
+
+
+def test_build_cache_locked_reused_across_checkouts_and_quiet(tmp_path):
+    # a tiny source stands in for the kernels (the loader's logic is the same, the compile is short)
+    cache = tmp_path / "cache"
+    one, two = tmp_path / "checkout1", tmp_path / "checkout2"
+    for d in (one, two):
+        d.mkdir()
+        (d / "fused_objectives_cpu.cpp").write_text("extern \"C\" int fused_objectives_probe() { return 1; }\n")
+    # two processes at once on an empty cache: one compiles (and says so once), the other waits, loads
+    procs = [_builder(one / "fused_objectives_cpu.cpp", cache) for _ in range(2)]
+    assert sum(_finish(p) for p in procs) == 1
+    libs = list(cache.glob("fused_objectives_cpu_*/*.so"))
+    assert len(libs) == 1
+    stamp = libs[0].stat().st_mtime_ns
+    # another checkout (another path, same content): the cached library, no compiler run
+    assert _finish(_builder(two / "fused_objectives_cpu.cpp", cache)) == 0
+    assert libs[0].stat().st_mtime_ns == stamp
+    # changed content: a new build, silent under FUSED_OBJECTIVES_QUIET=1
+    (two / "fused_objectives_cpu.cpp").write_text("extern \"C\" int fused_objectives_probe() { return 2; }\n")
+    assert _finish(_builder(two / "fused_objectives_cpu.cpp", cache, quiet=True)) == 0
+    assert len(list(cache.glob("fused_objectives_cpu_*/*.so"))) == 2
