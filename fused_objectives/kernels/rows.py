@@ -44,10 +44,13 @@ def row_stats_kernel(
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     mmask = offs_m < M
     tgt = tl.load(tgt_ptr + offs_m, mask=mmask, other=-1)
-    m = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-    rest = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    amax = tl.zeros((BLOCK_M,), dtype=tl.int64)
-    zt = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    # per-lane online state, [BLOCK_M, BLOCK_V]: lane j sees columns j, j + BLOCK_V, ... in order,
+    # so the loop body is elementwise (one exp per logit) and the lanes are merged once at the end
+    lane_m = tl.full((BLOCK_M, BLOCK_V), float("-inf"), dtype=tl.float32)
+    lane_rest = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)  # sum of exp(z - lane_m) without the lane's max
+    # a lane that never sees a column (V < BLOCK_V) keeps an index >= V, so it never wins below
+    lane_arg = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.int32) + tl.arange(0, BLOCK_V)[None, :]
+    lane_zt = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
     for v0 in range(0, C, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         vmask = offs_v < C
@@ -56,20 +59,23 @@ def row_stats_kernel(
                     mask=mmask[:, None] & vmask[None, :], other=0.0).to(tl.float32)
         z, _d = transform_logits(z, offs_v, vmask, b_ptr, logit_scale, softcap, HAS_BIAS, HAS_SCALE, HAS_SOFTCAP)
         z = tl.where(vmask[None, :], z, float("-inf"))
-        # NaN logits reach the loss through the exp-sum below; max/argmax skip them
-        z_ord = tl.where(z == z, z, float("-inf"))
-        tile_max = tl.max(z_ord, axis=1)
-        tile_arg = tl.argmax(z_ord, axis=1).to(tl.int64)
-        # strict '>' keeps the first index of a tie, as torch.argmax does
-        new_max = tile_max > m
-        m_new = tl.maximum(m, tile_max)
-        e = tl.exp(z - m_new[:, None])
-        is_new_arg = new_max[:, None] & (offs_v[None, :] == (v0 + tile_arg)[:, None])
-        tile_rest = tl.sum(tl.where(is_new_arg, 0.0, e), axis=1)
-        rest = tl.where(new_max, (rest + 1.0) * tl.exp(m - m_new), rest) + tile_rest
-        amax = tl.where(new_max, v0 + tile_arg, amax)
-        m = m_new
-        zt += tl.sum(tl.where(offs_v[None, :] == tgt[:, None], z, 0.0), axis=1)
+        # strict '>': a tie keeps the earlier column (torch.argmax's first index); a NaN logit never
+        # becomes the max but makes the sum, and so the loss, NaN
+        new_max = z > lane_m
+        # exp(-|z - m|) is the smaller term's share; equal values (also -inf == -inf) count 1
+        e = tl.where(z == lane_m, 1.0, tl.exp(-tl.abs(z - lane_m)))
+        lane_rest = tl.where(new_max, (lane_rest + 1.0) * e, lane_rest + e)
+        lane_arg = tl.where(new_max, offs_v[None, :], lane_arg)
+        lane_m = tl.where(new_max, z, lane_m)
+        lane_zt += tl.where(offs_v[None, :] == tgt[:, None], z, 0.0)
+    m = tl.max(lane_m, axis=1)
+    # the first column holding the max: the smallest index among the lanes that reach it
+    amax = tl.min(tl.where(lane_m == m[:, None], lane_arg, 2147483647), axis=1)
+    win = lane_arg == amax[:, None]
+    # every lane rescaled to the row max, its own max term (1) included, except the winner's max
+    rest = tl.sum(tl.where(win, lane_rest, (lane_rest + 1.0) * tl.exp(lane_m - m[:, None])), axis=1)
+    zt = tl.sum(lane_zt, axis=1)
+    amax = amax.to(tl.int64)
     tl.store(m_ptr + offs_m, m, mask=mmask)
     tl.store(rest_ptr + offs_m, rest, mask=mmask)
     tl.store(amax_ptr + offs_m, amax, mask=mmask)
