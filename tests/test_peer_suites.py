@@ -15,7 +15,9 @@
 Not ported (features this engine does not have, tracked in issue 14): label smoothing, z-loss
 (``lse_square_scale``), class weights (``ce_weight``).  The truth is float64 PyTorch on materialised
 logits, written here from the definitions.  Everything runs on the ``cpu`` backend; the Triton
-backends run a small-shape subset (under the interpreter without a GPU).
+backends run a small-shape subset (under the interpreter without a GPU) and, on a GPU, Liger's whole
+matrix at its large shape.  PyTorch's float64 gradcheck is not ported: the fused backends take
+fp32 / fp16 / bf16 only (float64 runs on the reference backend, the truth's own math).
 """
 import pytest
 import torch
