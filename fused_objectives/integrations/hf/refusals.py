@@ -22,8 +22,8 @@ _OWN_CE = ("its forward computes its own cross-entropy on the full logits ({wher
 # model type -> (reason, condition on the config or None for every config)
 KNOWN_REFUSALS: Dict[str, Tuple[str, Optional[Callable[[object], bool]]]] = {
     **{mt: (_OWN_CE.format(where="nn.CrossEntropyLoss in the decoder of an encoder-decoder family"), None)
-       for mt in ("bart", "bigbird_pegasus", "blenderbot", "blenderbot-small", "mbart", "mvp", "pegasus", "plbart",
-                  "trocr")},
+       for mt in ("bart", "bigbird_pegasus", "blenderbot", "blenderbot-small", "marian", "mbart", "mvp", "pegasus",
+                  "plbart", "trocr", "whisper")},
     "cpmant": (_OWN_CE.format(where="nn.CrossEntropyLoss"), None),
     "xlnet": (_OWN_CE.format(where="nn.CrossEntropyLoss, permutation language modelling"), None),
     "xlm": ("its LM head (XLMPredLayer) is not a plain linear layer used through model.loss_function: the forward "
