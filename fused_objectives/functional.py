@@ -211,14 +211,16 @@ def _count_tensor(value: torch.Tensor, device: torch.device, host_check: bool) -
         raise TypeError(f"num_items_in_batch must be an integer or floating tensor (a token count), got {value.dtype}")
     if value.device.type == "meta":
         raise ValueError("num_items_in_batch is a meta tensor (no data); pass a real count")
-    count = value.detach().reshape(()).to(device=device, dtype=torch.float64)
+    count = value.detach().reshape(()).to(dtype=torch.float64)
     if host_check:
+        # read where the tensor lives (the CPU), before it moves to the loss's device
         v = float(count)
         if not math.isfinite(v):
             raise ValueError(f"num_items_in_batch must be finite, got {v}")
         if v < 0:
             raise ValueError(f"num_items_in_batch must be >= 0, got {v:g}")
-        return count
+        return count.to(device)
+    count = count.to(device)
     ok = torch.isfinite(count) & (count >= 0)
     return torch.where(ok, count, torch.full_like(count, float("nan")))
 

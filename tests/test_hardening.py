@@ -253,6 +253,27 @@ def test_num_items_in_batch_device_check_without_sync():
         assert fn_mod._count_tensor(good, torch.device("cpu"), host_check=False).item() == want
 
 
+@pytest.mark.gpu
+def test_num_items_in_batch_cuda_tensor_checked_without_sync():
+    dev = torch.device("cuda")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        good = fn_mod._num_items(torch.tensor(7, device=dev), dev)
+        bad = fn_mod._num_items(torch.tensor(-4, device=dev), dev)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert good.item() == 7.0 and torch.isnan(bad).item()
+
+
+def test_num_items_in_batch_cpu_tensor_read_before_moving(monkeypatch):
+    # the host check reads the CPU tensor itself, never a copy already on the loss's device
+    reads = []
+    real = torch.Tensor.__float__
+    monkeypatch.setattr(torch.Tensor, "__float__", lambda t: reads.append(t.device.type) or real(t))
+    fn_mod._num_items(torch.tensor(7), torch.device("meta"))
+    assert reads == ["cpu"]
+
+
 def test_num_items_in_batch_tensor_matches_int():
     h, w, t = _inputs()
     a = fo.linear_objective_loss(h, w, t, num_items_in_batch=7, backend="cpu")
