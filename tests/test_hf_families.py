@@ -58,3 +58,29 @@ def test_supported_table_is_generated_and_claims_at_least_60_exact():
     assert "FAILED" not in DOC_STATUS.values()
     if DOC_VERSION == transformers.__version__:
         assert set(DOC_STATUS) == {mt for mt, _ in FAMILIES}
+
+
+def test_an_exception_after_the_model_is_built_is_failed_not_skipped(monkeypatch):
+    from fused_objectives.integrations import hf_verify
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("planted: set_objective broke")
+
+    monkeypatch.setattr(hf_verify, "set_objective", broken)
+    r = check_family("llama")
+    assert r.status == "FAILED" and "planted: set_objective broke" in r.reason, r
+    # a model that cannot be built stays "skipped", with why
+    monkeypatch.setattr(hf_verify, "build_tiny", lambda mt: (_ for _ in ()).throw(KeyError("no config")))
+    r = check_family("llama")
+    assert r.status == "skipped" and "cannot build a tiny model" in r.reason
+
+
+def test_known_refusals_are_families_of_this_transformers_and_refused_in_the_table():
+    from fused_objectives.integrations.hf.refusals import KNOWN_REFUSALS
+
+    types = {mt for mt, _ in FAMILIES}
+    assert set(KNOWN_REFUSALS) <= types, set(KNOWN_REFUSALS) - types
+    if DOC_VERSION == transformers.__version__:
+        for mt, (reason, condition) in KNOWN_REFUSALS.items():
+            if condition is None and DOC_STATUS.get(mt) != "skipped":
+                assert DOC_STATUS.get(mt) == "refused", mt
