@@ -146,3 +146,47 @@ def test_target_logprob_validates(backend):
         fo.target_logprob(h, w, t[:2], backend=backend)
     with pytest.raises(ValueError, match="softcap"):
         fo.target_logprob(h, w, t, softcap=0.0, backend=backend)
+
+
+# Appended by HARDEN (issue 12 items 6, 9): inputs that used to crash unclearly or pass silently.
+@pytest.mark.parametrize("case,exc,match", [
+    ("meta_inputs", ValueError, "meta tensor"),
+    ("ignore_index_huge", ValueError, "does not fit in int64"),
+    ("num_items_bool", TypeError, "num_items_in_batch must be an integer or floating tensor"),
+    ("num_items_meta", ValueError, "num_items_in_batch is a meta tensor"),
+    ("num_items_negative_cpu_tensor", ValueError, "num_items_in_batch must be >= 0"),
+    ("num_items_nan", ValueError, "num_items_in_batch must be finite"),
+    ("gate_floats", TypeError, "must return a bool tensor"),
+    ("gate_shape", ValueError, "shaped like its input p"),
+])
+def test_bad_input_hardening(backend, case, exc, match):
+    h, w, t, _ = make_inputs(N=7, H=8, V=100)
+    kw = {}
+    if case == "meta_inputs":
+        h, w, t = h.to("meta"), w.to("meta"), t.to("meta")
+    elif case == "ignore_index_huge":
+        kw = dict(ignore_index=2**70)
+    elif case == "num_items_bool":
+        kw = dict(num_items_in_batch=torch.tensor(True))
+    elif case == "num_items_meta":
+        kw = dict(num_items_in_batch=torch.tensor(3, device="meta"))
+    elif case == "num_items_negative_cpu_tensor":
+        kw = dict(num_items_in_batch=torch.tensor(-4))
+    elif case == "num_items_nan":
+        kw = dict(num_items_in_batch=float("nan"))
+    elif case == "gate_floats":
+        kw = dict(objective=fo.Objective("float_gate", lambda l: -l, gate=lambda p: (p > 0.5).float()))
+    elif case == "gate_shape":
+        kw = dict(objective=fo.Objective("short_gate", lambda l: -l, gate=lambda p: p[:2] > 0.5))
+    with pytest.raises(exc, match=match):
+        call(backend, h, w, t, **kw)
+
+
+@pytest.mark.parametrize("kw,exc,match", [
+    (dict(backend="nope"), ValueError, "unknown backend 'nope'"),
+    (dict(softcap=-1), ValueError, "softcap must be"),
+    (dict(ignore_index="x"), TypeError, "ignore_index must be an int"),
+])
+def test_module_validates_options_at_construction(kw, exc, match):
+    with pytest.raises(exc, match=match):
+        fo.LinearObjectiveLoss("nll", **kw)
