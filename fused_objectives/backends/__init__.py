@@ -12,6 +12,15 @@ A fused backend implements the two primitives every objective needs (see objecti
   tokens with ``coef == 0`` must cost nothing and their lse/target must not be read.
 - ``unavailable_reason(device)`` -> None when it can run on that device, else a message.
 
+Optionally, for losses reduced to a scalar (gradients computed while the logits are at hand):
+
+- ``forward_with_grad(hidden, weight, bias, target, valid, opts, coef_fn, needs=(dx, dw, db))``
+  -> ``(total, logp, kept, argmax, dx, dw, db)``: ``coef_fn(logp, valid) -> (sum of per-token
+  losses, kept, dSum/dlogp)`` (``autograd.objective_coefficients``) is called on each token chunk's
+  ``[rows]`` vectors; ``dx, dw, db`` are the gradients of ``total`` (None where not needed), which
+  the autograd layer scales by the upstream scalar and casts to the input dtypes.
+- ``name``: the backend's name, used in error messages (e.g. the double-backward refusal).
+
 The autograd layer (``fused_objectives/autograd.py``) is the only caller.
 """
 from __future__ import annotations
