@@ -38,7 +38,8 @@ def objective_coefficients(objective) -> CoefFn:
             (grad,) = torch.autograd.grad(total, lp, allow_unused=True)
         if grad is None:
             grad = torch.zeros_like(lp)
-        return total.detach(), kept, grad
+        # the backends' contract is float32 (an objective's own float64 tensors could promote)
+        return total.detach().float(), kept, grad.float()
 
     return coef_fn
 
