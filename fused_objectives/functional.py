@@ -240,18 +240,17 @@ def _num_items(num_items_in_batch, device) -> Optional[torch.Tensor]:
     return torch.tensor(float(num_items_in_batch), dtype=torch.float64, device=device)
 
 
-def _parameter_term(obj: Objective, logp: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def _parameter_term(obj: Objective, logp: torch.Tensor, valid: torch.Tensor) -> Optional[torch.Tensor]:
     """Zero, with the gradient of the summed objective with respect to the objective's own tensors
-    (e.g. a learnable focal gamma): the gradients-in-forward path differentiates the objective with
-    respect to ``logp`` only, so autograd would not reach them otherwise."""
-    zero = torch.zeros((), dtype=torch.float32, device=logp.device)
+    (e.g. a learnable focal gamma), or None when it has none: the gradients-in-forward path
+    differentiates the objective with respect to ``logp`` only, so autograd would not reach them."""
     if not torch.is_grad_enabled():
-        return zero
+        return None
     extra = obj.per_token(logp.detach(), valid)[0].sum()
     if not extra.requires_grad:  # the built-in objectives: no tensors of their own
-        return zero
+        return None
     # finite check: inf - inf would turn an infinite loss into NaN
-    return torch.where(torch.isfinite(extra), extra - extra.detach(), zero.to(extra.dtype))
+    return torch.where(torch.isfinite(extra), extra - extra.detach(), torch.zeros_like(extra))
 
 
 def linear_objective_loss(
@@ -322,7 +321,8 @@ def linear_objective_loss(
         # a scalar loss: the backend computes the gradients while the logits are at hand
         total, logp, kept, hit = ObjectiveSumFunction.apply(h2, weight, bias, t1, valid, opts, impl,
                                                             objective_coefficients(obj))
-        total = total + _parameter_term(obj, logp, valid)
+        term = _parameter_term(obj, logp, valid)
+        total = total if term is None else total + term
     else:
         logp, hit = _logprob(h2, weight, bias, t1, valid, opts, impl)
         per_tok, kept = obj.per_token(logp, valid)
