@@ -322,7 +322,7 @@ def linear_objective_loss(
         total, logp, kept, hit = ObjectiveSumFunction.apply(h2, weight, bias, t1, valid, opts, impl,
                                                             objective_coefficients(obj))
         term = _parameter_term(obj, logp, valid)
-        total = total if term is None else total + term
+        total = total if term is None else total + term.to(total.dtype)
     else:
         logp, hit = _logprob(h2, weight, bias, t1, valid, opts, impl)
         per_tok, kept = obj.per_token(logp, valid)
