@@ -15,13 +15,13 @@ measures both** (nothing here has run on a GPU yet):
   (N = 8192, V = 128256), i.e. ~1.11x three bare GEMMs at the same cuBLAS efficiency.
 - **per-token upstream gradients (``reduction="none"``, ``target_logprob``): the cheaper of the two
   by** :func:`predict_seconds`.  Chunked: 4 GEMMs at cuBLAS efficiency + ~14 B of buffer traffic per
-  logit.  Fused: 4 GEMMs' worth of ``tl.dot`` at a lower efficiency (one 128x128 tile per SM,
-  255 registers) + the backward's fp32 atomic adds, ``4 H (1/BLOCK_V + 1/BLOCK_N)`` bytes per logit
-  (``H / 16`` B with 128x128 tiles: 256 B at H = 4096, 269 GB at the llama3-8b head), each a
-  read-modify-write in L2.  Those alone (128 FLOP/B) sit below the ridge.  With the constants below
-  the model picks fused only for H <= 118 (toy heads, e.g. the tests' shapes) and chunked for every
-  real LM head; fused stays addressable (``backend="triton_fused"``) and is the strategy with no
-  workspace beyond the gradients.
+  logit.  Fused: 4 GEMMs' worth of ``tl.dot`` at a lower efficiency (one 128-row tile per SM,
+  up to 255 registers) + the backward's fp32 atomic adds, ``4 H (1/BLOCK_V + 1/BLOCK_N)`` bytes per logit
+  (``3 H / 32`` B with its 128x64 bf16 tiles on sm_90: 384 B at H = 4096, 403 GB at the llama3-8b
+  head), each a read-modify-write in L2.  Those alone (85 FLOP/B) sit below the ridge.  With the
+  constants below the model picks fused only for H <= 82 in bf16/fp16 (H <= 164 in fp32: toy
+  heads, e.g. the tests' shapes) and chunked for every real LM head; fused stays addressable
+  (``backend="triton_fused"``) and is the strategy with no workspace beyond the gradients.
 
 The choice depends only on shapes and dtype, so the forward and the backward of one call always
 take the same strategy.  After a GPU run, the constants (or the rule) are replaced by measurements.
@@ -32,6 +32,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..kernels import configs
 from ..options import LogitOptions
 from . import triton_common
 from .triton_chunked import TritonChunkedBackend
@@ -45,7 +46,6 @@ L2_ATOMIC_BYTES_PER_S = 2.0e12   # fp32 bytes added per second assumed for relax
 CUBLAS_EFFICIENCY = 0.75
 TRITON_TILE_EFFICIENCY = 0.55
 CHUNKED_BYTES_PER_LOGIT = 7       # elements streamed per logit in the per-token chunked path
-FUSED_TILE = 128                  # BLOCK_N = BLOCK_V of the fused kernels
 
 
 def predict_seconds(strategy: str, n: int, H: int, V: int, elt: int) -> float:
@@ -54,7 +54,8 @@ def predict_seconds(strategy: str, n: int, H: int, V: int, elt: int) -> float:
     if strategy == "triton_chunked":
         return flops / (CUBLAS_EFFICIENCY * PEAK_FLOPS) + CHUNKED_BYTES_PER_LOGIT * elt * n * V / HBM_BYTES_PER_S
     if strategy == "triton_fused":
-        atomic_bytes = 4.0 * H * n * V * (2.0 / FUSED_TILE)
+        cfg = configs.BACKWARD_HALF_SM90  # the fused backward's tile on the H100
+        atomic_bytes = 4.0 * H * n * V * (1.0 / cfg.block_n + 1.0 / cfg.block_v)
         return flops / (TRITON_TILE_EFFICIENCY * PEAK_FLOPS) + atomic_bytes / L2_ATOMIC_BYTES_PER_S
     raise ValueError(f"unknown strategy {strategy!r}")
 

@@ -117,7 +117,7 @@ def fused_backward(
     N, H = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
-    cfg = configs.backward_config(hidden.dtype)
+    cfg = configs.backward_config(hidden.dtype, configs.capability_of(hidden.device))
     active = coef != 0  # NaN coefficients stay active, so NaN reaches the gradients
     row_idx = torch.argsort((~active).to(torch.int8), stable=True)
     n_active = active.sum(dtype=torch.int32).reshape(1)

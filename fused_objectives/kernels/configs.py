@@ -1,21 +1,28 @@
 """Block sizes, launch parameters and memory budgets of every Triton kernel, all in one place.
 
-No GPU has measured these yet.  The fused tile kernels' configs were checked by compiling ahead of
-time for sm_80 and sm_90a (``compiled.metadata.shared`` against the opt-in limits 166,912 B and
-232,448 B; benchmarks/kernel_report.py does it for every kernel): half-precision tiles are
-128x128x64 (forward 98,304 B on sm_90 / 65,536 B on sm_80; backward 163,840 / 131,072 B); fp32
-(IEEE or TF32 dots) holds twice the bytes per element, so its H block is halved to 32, and the
-backward keeps 2 pipeline stages (TF32 backward with 3 stages needed 196,608 B on sm_80; with 2:
-163,840 B on sm_80, 147,456 B on sm_90).  The row kernels (kernels/rows.py) use <= 4 KB of shared
-memory and 61-80 registers without spills (ptxas -v, sm_80 and sm_90a; the dz kernel needed
-120-148 registers with 4 warps, hence 8).  Triton 3.9's compiler on CPU; the kernel report
-(benchmarks/kernel_report.py) has the full table.  Under ``TRITON_INTERPRET=1`` (CPU tests) small tiles keep the interpreter fast
-while still exercising masking (V and H not multiples of the block).
+No GPU has measured these yet.  The fused tile kernels' configs are chosen per input kind (bf16/fp16,
+fp32 with TF32 dots, fp32 with IEEE dots) and per architecture (sm_80 family, sm_90 and newer) so
+that each compiles within the opt-in shared memory (sm_80 166,912 B, sm_90 232,448 B) *without
+register spills*, for every feature switch at once (bias, scale, soft-cap, dX, dW, db), with both
+Triton 3.6 (the GPU machine's) and 3.9: checked by compiling ahead of time for ``GPUTarget("cuda",
+80 | 90, 32)`` on CPU with the llama3-8b launch specialisation, ``compiled.metadata.shared`` and
+``ptxas -v`` (benchmarks/kernel_report.py does it for every kernel).  What the sweep found: the old
+one-size 128x128x64 backward spilled on sm_80 (Triton 3.9: 968 B with every feature) and on sm_90a
+once the accurate soft-cap tanh was in (144 B); a 128x64 tile does not.  fp32 tiles hold twice the
+bytes: TF32 backward 128x128x32 with 2 stages spilled and needed 180,224 B of shared memory on
+sm_80 under Triton 3.6 (launch failure), 64x128x32 fits (114,688-131,072 B) without spills.  IEEE
+fp32 dots run on FMA units and need far smaller tiles.  Other sm_8x GPUs (sm_86 / sm_89: 101,376 B
+of shared memory) get the sm_80 configs, unchecked: the fp32 TF32 backward's may not fit there.
+The row kernels (kernels/rows.py) use <= 4 KB of shared memory and 61-80 registers without spills
+(the dz kernel needed 120-148 registers with 4 warps, hence 8).  Under ``TRITON_INTERPRET=1`` (CPU
+tests) small tiles keep the interpreter fast while still exercising masking (V and H not multiples
+of the block).
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Optional, Tuple
 
 
 @dataclass(frozen=True)
@@ -40,11 +47,25 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-# Fused tile kernels (kernels/forward.py, kernels/backward.py), per input dtype.
-FORWARD_DEFAULT = KernelConfig(block_n=128, block_v=128, block_h=64, num_warps=8, num_stages=3)   # bf16 / fp16
-BACKWARD_DEFAULT = KernelConfig(block_n=128, block_v=128, block_h=64, num_warps=8, num_stages=3)  # bf16 / fp16
-FORWARD_FP32 = KernelConfig(block_n=128, block_v=128, block_h=32, num_warps=8, num_stages=3)
-BACKWARD_FP32 = KernelConfig(block_n=128, block_v=128, block_h=32, num_warps=8, num_stages=2)
+# Fused tile kernels (kernels/forward.py, kernels/backward.py): (BLOCK_N, BLOCK_V, BLOCK_H, warps, stages).
+# Shared memory per program in brackets: sm_80 / sm_90a, Triton 3.9 (3.6 where it differs).
+FORWARD_HALF = KernelConfig(128, 128, 64, 8, 3)        # bf16/fp16, both archs (65,536 / 98,304 B)
+FORWARD_TF32_SM80 = KernelConfig(128, 128, 32, 8, 3)   # (65,536 B)
+FORWARD_TF32_SM90 = KernelConfig(128, 64, 32, 8, 3)    # (73,728 B); 128x128x32 spilled 64 B
+FORWARD_IEEE = KernelConfig(64, 128, 32, 8, 3)         # both archs (49,152 B)
+BACKWARD_HALF_SM80 = KernelConfig(128, 64, 32, 8, 3)   # (57,344 B)
+BACKWARD_HALF_SM90 = KernelConfig(128, 64, 64, 8, 3)   # (122,880 B)
+BACKWARD_TF32 = KernelConfig(64, 128, 32, 8, 3)        # both archs (114,688 (131,072) / 155,648 B)
+BACKWARD_IEEE_SM80 = KernelConfig(64, 64, 16, 8, 2)    # (28,672 (24,576) B)
+BACKWARD_IEEE_SM90 = KernelConfig(64, 32, 16, 4, 2)    # (14,336 B)
+FUSED_CONFIGS = {
+    ("forward", "half", 80): FORWARD_HALF, ("forward", "half", 90): FORWARD_HALF,
+    ("forward", "tf32", 80): FORWARD_TF32_SM80, ("forward", "tf32", 90): FORWARD_TF32_SM90,
+    ("forward", "ieee", 80): FORWARD_IEEE, ("forward", "ieee", 90): FORWARD_IEEE,
+    ("backward", "half", 80): BACKWARD_HALF_SM80, ("backward", "half", 90): BACKWARD_HALF_SM90,
+    ("backward", "tf32", 80): BACKWARD_TF32, ("backward", "tf32", 90): BACKWARD_TF32,
+    ("backward", "ieee", 80): BACKWARD_IEEE_SM80, ("backward", "ieee", 90): BACKWARD_IEEE_SM90,
+}
 INTERPRET = KernelConfig(block_n=16, block_v=32, block_h=16, num_warps=1, num_stages=1)
 
 # Row kernels: one logits row (or a few under the interpreter) per program, streaming the vocabulary.
@@ -71,16 +92,42 @@ def _is_fp32(dtype) -> bool:
     return dtype == torch.float32
 
 
-def forward_config(dtype=None) -> KernelConfig:
-    if interpreting():
-        return INTERPRET
-    return FORWARD_FP32 if _is_fp32(dtype) else FORWARD_DEFAULT
+def _kind(dtype, tf32: Optional[bool]) -> str:
+    if not _is_fp32(dtype):
+        return "half"
+    return "tf32" if (fp32_matmul_allows_tf32() if tf32 is None else tf32) else "ieee"
 
 
-def backward_config(dtype=None) -> KernelConfig:
+def _arch(capability: Optional[Tuple[int, int]]) -> int:
+    if capability is None:
+        import torch
+
+        capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else (9, 0)
+    return 90 if tuple(capability) >= (9, 0) else 80
+
+
+def capability_of(device) -> Optional[Tuple[int, int]]:
+    """The compute capability of a CUDA ``device`` (None for any other device)."""
+    import torch
+
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+
+
+def forward_config(dtype=None, capability: Optional[Tuple[int, int]] = None,
+                   tf32: Optional[bool] = None) -> KernelConfig:
+    """The fused forward's config for inputs of ``dtype`` on a GPU of ``capability`` (default: the
+    current device's) with TF32 dots or not (default: PyTorch's fp32 matmul setting)."""
     if interpreting():
         return INTERPRET
-    return BACKWARD_FP32 if _is_fp32(dtype) else BACKWARD_DEFAULT
+    return FUSED_CONFIGS[("forward", _kind(dtype, tf32), _arch(capability))]
+
+
+def backward_config(dtype=None, capability: Optional[Tuple[int, int]] = None,
+                    tf32: Optional[bool] = None) -> KernelConfig:
+    """The fused backward's config (see :func:`forward_config`)."""
+    if interpreting():
+        return INTERPRET
+    return FUSED_CONFIGS[("backward", _kind(dtype, tf32), _arch(capability))]
 
 
 def rows_config() -> RowConfig:
