@@ -68,6 +68,8 @@ FAMILY_CONFIGS = {
     "lfm2_moe": dict(layer_types=["conv", "full_attention"], num_dense_layers=1),
     "dots1": dict(n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2),
     "flint": dict(mlp_only_layers=[0]),
+    "reformer": dict(is_decoder=True, axial_pos_embds=False),
+    "marian": dict(decoder_vocab_size=128),
 }
 MAX_PARAMS = 3_000_000
 SEQ, BATCH = 8, 2
