@@ -112,7 +112,7 @@ class Ptr:
 class KernelEntry:
     """One shipped ``@triton.jit`` kernel.
 
-    ``configs(dtype)`` -> {name: config} shipped for that dtype; ``features``: names of the boolean
+    ``configs(dtype, arch)`` -> {name: config} shipped for that dtype and arch; ``features``: names of the boolean
     switches that change the code, ``valid(features)`` filters impossible combinations; ``launch(case)``
     -> (positional args, keyword args incl. constexprs, num_warps, num_stages) exactly as the launcher
     passes them at ``SHAPE``.
@@ -120,7 +120,7 @@ class KernelEntry:
 
     name: str
     target: str                      # "module:attribute"
-    configs: Callable[[DType], Dict[str, object]]
+    configs: Callable[[DType, str], Dict[str, object]]
     features: Tuple[str, ...]
     launch: Callable[[Case], Tuple[list, dict]]
     valid: Callable[[Dict[str, bool]], bool] = lambda f: True
@@ -160,22 +160,29 @@ def _tile_meta(cfg) -> dict:
 
 
 # The launchers' own config selectors (this process does not interpret, so they return GPU configs).
-def _fwd_configs(dtype: DType) -> Dict[str, object]:
+def _capability(arch: str) -> Tuple[int, int]:
+    cap = ARCHS[arch]["capability"]
+    return (cap // 10, cap % 10)
+
+
+def _fwd_configs(dtype: DType, arch: str) -> Dict[str, object]:
     from fused_objectives.kernels import configs
-    return _named(configs.forward_config(getattr(_torch(), dtype.torch_name)), "FORWARD")
+    return _named(configs.forward_config(getattr(_torch(), dtype.torch_name), _capability(arch), dtype.tf32),
+                  "FORWARD")
 
 
-def _bwd_configs(dtype: DType) -> Dict[str, object]:
+def _bwd_configs(dtype: DType, arch: str) -> Dict[str, object]:
     from fused_objectives.kernels import configs
-    return _named(configs.backward_config(getattr(_torch(), dtype.torch_name)), "BACKWARD")
+    return _named(configs.backward_config(getattr(_torch(), dtype.torch_name), _capability(arch), dtype.tf32),
+                  "BACKWARD")
 
 
-def _rows_configs(dtype: DType) -> Dict[str, object]:
+def _rows_configs(dtype: DType, arch: str) -> Dict[str, object]:
     from fused_objectives.kernels import configs
     return _named(configs.rows_config(), "ROWS")
 
 
-def _dz_configs(dtype: DType) -> Dict[str, object]:
+def _dz_configs(dtype: DType, arch: str) -> Dict[str, object]:
     from fused_objectives.kernels import configs
     return _named(configs.dz_config(), "DZ")
 
@@ -477,16 +484,19 @@ def feature_sets(entry: KernelEntry, subset: str) -> List[Dict[str, bool]]:
     return keep
 
 
-def cases(entry: KernelEntry, dtypes: Sequence[str], subset: str) -> Iterator[Case]:
+def cases(entry: KernelEntry, dtypes: Sequence[str], subset: str, archs: Sequence[str]) -> Iterator[Tuple[str, Case]]:
+    """(arch, case) pairs: per dtype, per feature set, the config(s) shipped for each arch."""
     sets = feature_sets(entry, subset)
     for dname in dtypes:
         if dname not in entry.dtypes:
             continue
         dtype = DTYPES[dname]
-        for cname, cfg in entry.configs(dtype).items():
-            for feats in sets:
-                if entry.valid(feats):
-                    yield Case(dtype, feats, cname, cfg)
+        for feats in sets:
+            if not entry.valid(feats):
+                continue
+            for arch in archs:
+                for cname, cfg in entry.configs(dtype, arch).items():
+                    yield arch, Case(dtype, feats, cname, cfg)
 
 
 def environment() -> dict:
@@ -526,13 +536,12 @@ def run(kernels: Sequence[str], archs: Sequence[str], dtypes: Sequence[str], sub
     for entry in KERNELS:
         if kernels and entry.name not in kernels:
             continue
-        for case in cases(entry, dtypes, subset):
-            for arch in archs:
-                rec = compile_case(entry, arch, case)
-                progress(f"{entry.name:<24} {arch:<6} {case.dtype.name:<9} {_feat_str(case.features):<28} "
-                         f"{case.config_name:<18} {rec['compile_s']:5.1f}s  {rec['verdict']}")
-                records.append(rec)
-                checkpoint(records)
+        for arch, case in cases(entry, dtypes, subset, archs):
+            rec = compile_case(entry, arch, case)
+            progress(f"{entry.name:<24} {arch:<6} {case.dtype.name:<9} {_feat_str(case.features):<28} "
+                     f"{case.config_name:<18} {rec['compile_s']:5.1f}s  {rec['verdict']}")
+            records.append(rec)
+            checkpoint(records)
     return records
 
 

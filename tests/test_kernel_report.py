@@ -24,15 +24,9 @@ sys.modules.setdefault("kernel_report", kr)  # its dataclasses look their module
 _spec.loader.exec_module(kr)
 
 # (kernel, arch, dtype) -> why it fails today and what fixes it (strict xfails: a fix turns them red
-# until the entry goes).  Found by this report at commit 49045d7 (Triton 3.9 / ptxas 12.9 for sm_80);
-# reported to CUDA in /work/coord/requests.md.
-KNOWN_FAILING = {
-    ("grad_bwd_kernel", "sm_80", "bf16"):
-        "BACKWARD_DEFAULT (128x128x64, 8 warps, 3 stages) spills on sm_80: 255 registers, 360 B spill "
-        "stores + 360 B loads (issue 11 item 3: configs that fit sm_80)",
-    ("grad_bwd_kernel", "sm_80", "fp32-tf32"):
-        "BACKWARD_FP32 (128x128x32, 8 warps, 2 stages) spills on sm_80 (368 B) (issue 11 item 3)",
-}
+# until the entry goes).  Empty since a0114f6 (per-arch configs); before it, the sm_80 backward spilled
+# (bf16 720 B, fp32-tf32 368 B with Triton 3.9) and needed 180,224 B of shared memory for TF32 with 3.6.
+KNOWN_FAILING = {}
 
 triton_cuda = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton")
 
@@ -40,10 +34,9 @@ triton_cuda = pytest.mark.skipif(importlib.util.find_spec("triton") is None, rea
 def _smoke_ids():
     ids = []
     for entry in kr.KERNELS:
-        for case in kr.cases(entry, DTYPES, "smoke"):
-            for arch in kr.ARCHS:
-                # no config in the key: this process interprets, so the selectors return the interpreter's
-                ids.append((entry.name, arch, case.dtype.name, kr._feat_str(case.features)))
+        # no config in the key: this process interprets, so the selectors return the interpreter's
+        for arch, case in kr.cases(entry, DTYPES, "smoke", list(kr.ARCHS)):
+            ids.append((entry.name, arch, case.dtype.name, kr._feat_str(case.features)))
     return ids
 
 
