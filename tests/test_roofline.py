@@ -75,6 +75,15 @@ def test_fused_atomic_traffic_is_the_issues_269_gb():
     assert p.parts_ms["backward_tiles"] == pytest.approx(max(6 * N * H * V / 1000e12, 2 * atomic / 4000e9) * 1e3)
 
 
+def test_fused_defaults_to_the_shipped_backward_tile():
+    from fused_objectives.kernels import configs
+    cfg = configs.FUSED_CONFIGS[("backward", "half", 90)]
+    assert rl.backward_tile("bf16", (9, 0)) == (cfg.block_n, cfg.block_v)
+    shipped = rl.predict("triton_fused", N, H, V, "bf16", 1.0, exact())
+    explicit = rl.predict("triton_fused", N, H, V, "bf16", 1.0, exact(), block_n=cfg.block_n, block_v=cfg.block_v)
+    assert shipped.bytes == explicit.bytes
+
+
 def test_liger_chunk_rows_and_all_tokens():
     p = rl.predict("liger", N, H, V, "bf16", 1.0, exact())
     assert "chunks of 256" in p.notes  # next_pow2(8192 / ceil(128256 / 4096))

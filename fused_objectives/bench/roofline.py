@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 STRATEGIES = ("bare_gemm", "triton_chunked", "triton_fused", "liger", "reference")
@@ -45,6 +45,7 @@ class Hardware:
     # measured effective TFLOP/s of the chunk GEMMs by rows M ({"logits"|"dx"|"dw": {M: TF/s}})
     chunk_tflops: Dict[str, Dict[int, float]] = field(default_factory=dict)
     source: str = "spec sheet"
+    capability: Tuple[int, int] = (9, 0)  # picks the shipped kernel configs of that architecture
 
     def gemm_rate(self, dtype: str, tf32: bool = False) -> float:
         """Effective FLOP/s of a large GEMM in ``dtype``."""
@@ -71,7 +72,8 @@ class Hardware:
 
 # Dense (no sparsity) spec-sheet figures, SXM parts unless named.
 HARDWARE: Dict[str, Hardware] = {
-    "a100": Hardware("A100-SXM4-80GB", {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5}, 2039.0, 40.0),
+    "a100": Hardware("A100-SXM4-80GB", {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5}, 2039.0, 40.0,
+                     capability=(8, 0)),
     "h100": Hardware("H100-SXM5", {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9}, 3350.0, 50.0),
     "h100-pcie": Hardware("H100-PCIe", {"bf16": 756.0, "fp16": 756.0, "tf32": 378.0, "fp32": 51.2}, 2000.0, 50.0),
     "h200": Hardware("H200-SXM", {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9}, 4800.0, 50.0),
@@ -157,6 +159,18 @@ def _chunked(n_rows: int, h: int, v: int, e: int, hw: Hardware, rate: float, bw:
     return parts, flops, nbytes
 
 
+def backward_tile(dtype: str, capability: Tuple[int, int], tf32: bool = False) -> Tuple[int, int]:
+    """(BLOCK_N, BLOCK_V) of the shipped fused backward config for that dtype kind and architecture
+    (kernels/configs.py FUSED_CONFIGS), 128 x 128 when it cannot be read."""
+    try:
+        from ..kernels import configs
+        kind = "half" if dtype != "fp32" else ("tf32" if tf32 else "ieee")
+        cfg = configs.FUSED_CONFIGS[("backward", kind, 90 if tuple(capability) >= (9, 0) else 80)]
+        return cfg.block_n, cfg.block_v
+    except (ImportError, AttributeError, KeyError):
+        return 128, 128
+
+
 # The chunked strategy's buffer budget (kernels/configs.py CHUNK_BUDGET_BYTES, read when importable).
 CHUNK_BUDGET_BYTES = 192 * 1024 * 1024
 
@@ -175,16 +189,21 @@ def default_chunk_rows(v: int, dtype: str) -> int:
 
 def predict(strategy: str, n: int, h: int, v: int, dtype: str = "bf16", valid_fraction: float = 1.0,
             hw: Optional[Hardware] = None, *, tf32: bool = False, chunk_rows: Optional[int] = None,
-            dw_accum: Optional[str] = None, block_n: int = 128, block_v: int = 128,
+            dw_accum: Optional[str] = None, block_n: Optional[int] = None, block_v: Optional[int] = None,
             eager_passes: int = 8) -> Prediction:
     """Predicted forward+backward time of ``strategy`` at ``N=n`` tokens (``valid_fraction`` of them
     not ignored), hidden ``h``, vocabulary ``v``, input ``dtype`` (bf16 | fp16 | fp32).
 
     ``chunk_rows`` (chunked: default the shipped budget's, ``default_chunk_rows``) and ``dw_accum``
-    (chunked dW accumulation dtype: default the input dtype, as shipped; ``"fp32"`` for a buffer)."""
+    (chunked dW accumulation dtype: default the input dtype, as shipped; ``"fp32"`` for a buffer);
+    ``block_n`` / ``block_v``: the fused backward's tile (default: the shipped config for the arch)."""
+    hw = hw or HARDWARE["h100"]
     if dtype in DTYPE_BYTES:
         chunk_rows = default_chunk_rows(v, dtype) if chunk_rows is None else chunk_rows
         dw_accum = dtype if dw_accum is None else dw_accum
+        if block_n is None or block_v is None:
+            bn, bv = backward_tile(dtype, hw.capability, tf32)
+            block_n, block_v = block_n or bn, block_v or bv
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     if dtype not in DTYPE_BYTES:
@@ -196,7 +215,6 @@ def predict(strategy: str, n: int, h: int, v: int, dtype: str = "bf16", valid_fr
                          f"block_n={block_n} block_v={block_v}")
     if dw_accum not in DTYPE_BYTES:
         raise ValueError(f"dw_accum must be one of {sorted(DTYPE_BYTES)}, got {dw_accum!r}")
-    hw = hw or HARDWARE["h100"]
     e = DTYPE_BYTES[dtype]
     rate, bw = hw.gemm_rate(dtype, tf32), hw.bandwidth()
     n_valid = int(round(n * valid_fraction))
