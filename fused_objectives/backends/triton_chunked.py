@@ -36,7 +36,9 @@ V=128256, bf16).  Eager (``F.cross_entropy((h @ W.T).float(), y)``) holds at lea
 = 12.6 GB, so 2% is >= 252 MB.  Here the extra memory of a scalar loss is the chunk buffer
 (``configs.CHUNK_BUDGET_BYTES`` = 192 MiB -> 768 rows x 128256 x 2 B = 197 MB), the gathered
 ``X_c`` and ``dX_c`` (768 x 4096 x 2 B = 6.3 MB each) and ``[N]`` vectors: about 210 MB, 1.7% of
-eager (arithmetic, not measured: no GPU run yet).  dX and dW are the gradients themselves.
+eager (arithmetic, not measured: no GPU run yet).  dX and dW are the gradients themselves (the
+autograd layer's ``grad * upstream`` in the backward is one more gradient-sized tensor, 1.1 GB
+there, unless it scales in place).
 The per-token backward adds the gathered ``X`` (``n x H``, input dtype), its fp32 dX accumulator
 (``n x H x 4``) and one ``[n, H]`` product buffer: 256 MB more at N=8192.
 
