@@ -77,7 +77,7 @@ def test_patch_instance_nll_exact_and_unpatch_restores():
     inputs = batch()
     out0, g0 = loss_and_grads(m, inputs)
     assert fo.patch_model(m, objective="nll") is m
-    assert "forward" in m.__dict__ and isinstance(m.forward, type(m.generate))  # a bound method
+    assert "forward" in m.__dict__ and callable(m.forward)  # a picklable callable on the instance
     out1, g1 = loss_and_grads(m, inputs)
     assert out1.logits is None
     torch.testing.assert_close(out1.loss, out0.loss, rtol=1e-6, atol=1e-6)
