@@ -49,7 +49,7 @@ def _inputs(cache, objective):
         chk = inp.head(auto_check_tokens(N, V, DEVICE.type))
         gt = ground_truth(chk, objective, SOFTCAP)
         ref_err = max(errors(run_once(Reference().build(DEVICE, DTYPE, Problem(objective, SOFTCAP)), chk), gt).values())
-        cache[objective] = (inp, chk, gt, tolerance(DTYPE, ref_err))
+        cache[objective] = (inp, chk, gt, tolerance(DTYPE, ref_err, DEVICE))
     return cache[objective]
 
 
