@@ -172,3 +172,28 @@ def test_tf32_switch_reads_the_new_api_first(monkeypatch):
     finally:
         matmul.fp32_precision = old
 
+
+
+@cpu_tensors
+@pytest.mark.parametrize("key", sorted(configs.FUSED_CONFIGS), ids=lambda k: "-".join(map(str, k)))
+def test_every_gpu_tile_config_computes_the_same(monkeypatch, key):
+    # the compiled GPU tile shapes, run by the interpreter: masking and slab logic at the real block
+    # sizes (N, V, H smaller than one block, and not multiples of it)
+    pass_, kind, _arch = key
+    cfg = configs.FUSED_CONFIGS[key]
+    monkeypatch.setattr(configs, f"{pass_}_config", lambda *a, **k: cfg)
+    dtype = torch.float16 if kind == "half" else torch.float32
+    h, w, t, b = make_inputs(N=70, H=40, V=150, bias=True, peaked=4.0, dtype=dtype)
+    _check_triton(h, w, t, b, objective="neg_p", softcap=6.0)
+
+
+@cpu_tensors
+def test_gpu_row_kernel_configs_compute_the_same(monkeypatch):
+    # the row kernels at their compiled block sizes (one 2048-wide row per program; 4 x 1024 dz tiles)
+    monkeypatch.setattr(configs, "rows_config", lambda: configs.ROWS_DEFAULT)
+    monkeypatch.setattr(configs, "dz_config", lambda: configs.DZ_DEFAULT)
+    h, w, t, b = make_inputs(N=9, H=16, V=2500, bias=True, peaked=6.0)
+    for kw in (dict(), dict(reduction="none", upstream=torch.randn(9))):
+        fused = run(h, w, t, b, backend="triton_chunked", objective="nll", softcap=7.0, **kw)
+        assert_no_worse(fused, naive_same_dtype(h, w, t, b, objective="nll", softcap=7.0, **kw),
+                        ground_truth(h, w, t, b, objective="nll", softcap=7.0, **kw))
