@@ -107,19 +107,28 @@ def test_double_backward_per_token_path_and_reference():
     torch.testing.assert_close(dw.double(), tw, rtol=1e-4, atol=1e-6)
 
 
-def test_target_logprob_double_backward(fused_backend):
+@pytest.mark.parametrize("transforms", [False, True], ids=["plain", "bias-scale-cap"])
+def test_target_logprob_double_backward(fused_backend, transforms):
     h, w, t = _inputs()
+    b = torch.randn(w.shape[0], generator=torch.Generator().manual_seed(1)) if transforms else None
+    kw = dict(logit_scale=1.5, softcap=4.0) if transforms else {}
     dev = _dev(fused_backend)
-    hh, ww = _leaf(h.to(dev)), _leaf(w.to(dev))
-    lp = fo.target_logprob(hh, ww, t.to(dev), backend=fused_backend)
-    (gh,) = torch.autograd.grad((lp * lp).sum(), hh, create_graph=True)
+    leaves = [_leaf(x.to(dev)) for x in (h, w) + ((b,) if transforms else ())]
+    lp = fo.target_logprob(leaves[0], leaves[1], t.to(dev), *leaves[2:], backend=fused_backend, **kw)
+    (gh,) = torch.autograd.grad((lp * lp).sum(), leaves[0], create_graph=True)
     gh.square().sum().backward()
-    h64, w64 = _leaf(h.double()), _leaf(w.double())
-    tl, _ = _truth_logp(h64, w64, t)
-    (tgh,) = torch.autograd.grad((tl * tl).sum(), h64, create_graph=True)
+
+    l64 = [_leaf(x.double()) for x in (h, w) + ((b,) if transforms else ())]
+    z = l64[0] @ l64[1].T
+    if transforms:
+        z = 4.0 * torch.tanh((z + l64[2]) * 1.5 / 4.0)
+    valid = t != -100
+    tl = torch.log_softmax(z, -1).gather(1, torch.where(valid, t, 0)[:, None])[:, 0]
+    tl = torch.where(valid, tl, torch.zeros_like(tl))
+    (tgh,) = torch.autograd.grad((tl * tl).sum(), l64[0], create_graph=True)
     tgh.square().sum().backward()
-    torch.testing.assert_close(hh.grad.cpu().double(), h64.grad, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(ww.grad.cpu().double(), w64.grad, rtol=1e-4, atol=1e-6)
+    for got, want in zip(leaves, l64):
+        torch.testing.assert_close(got.grad.cpu().double(), want.grad, rtol=1e-4, atol=1e-6)
 
 
 # ---------------------------------------------------------------- 2. objectives with parameters
