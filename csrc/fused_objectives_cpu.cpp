@@ -4,7 +4,8 @@
 //   grad_backward: dX, dW, db of sum_i coef_i * logp_i, recomputing z chunk by chunk.
 //
 //   chunk_stats / chunk_grad_: the same two epilogues on one [rows, V] logits tile the caller
-//                  computed (fused_objectives/backends/chunked.py: gradients in the forward).
+//                  computed (fused_objectives/backends/chunked.py: gradients in the forward);
+//   target_logits: x_i . w_{y_i} in fp32 (the target's logit apart from a half-precision tile).
 //
 // Design: the vocabulary is walked in chunks of `chunk_cols` rows of W (outer loop, so a weight
 // chunk is converted once), the active tokens in chunks of `chunk_rows` (inner loop).  Each
@@ -130,6 +131,9 @@ struct FwdState {
   int64_t* amax;
   float* tlogit;
   const int64_t* target;  // per active row
+  // raw target logits computed apart in fp32 (per active row), or nullptr: with half-precision
+  // GEMMs they replace the target's rounded logit (see lse_forward)
+  const float* traw;
 };
 
 // sum over j in [0, n) of exp(z[j] - shift), in a fixed vector-lane order (independent of threads)
@@ -141,22 +145,24 @@ inline float sum_exp(const float* z, int64_t n, float shift) {
 }
 
 // Transformed fp32 logits of one row: the raw row itself (fp32, no transform) or `scratch`.
+// With `y` in [0, cols), column y's raw logit is `raw_y` instead of raw[y].
 template <typename T, bool kBias, bool kScale, bool kCap>
 inline const float* row_logits(const T* raw, int64_t cols, const float* b, const Transform& tr, float* scratch,
-                               float* row_max) {
+                               float* row_max, int64_t y, float raw_y) {
   float tmax = kNegInf;
   // NaN is skipped by the max (as torch.argmax on the GPU) and reaches the sum later
-  if constexpr (std::is_same<T, float>::value && !kBias && !kScale && !kCap) {
+  if (std::is_same<T, float>::value && !kBias && !kScale && !kCap && y < 0) {
 #pragma omp simd reduction(max : tmax)
-    for (int64_t j = 0; j < cols; ++j) tmax = raw[j] > tmax ? raw[j] : tmax;
+    for (int64_t j = 0; j < cols; ++j) tmax = raw[j] > tmax ? to_f(raw[j]) : tmax;
     *row_max = tmax;
-    return raw;
+    return reinterpret_cast<const float*>(raw);
   } else {
-    // one pass: convert, transform, max (vectorised unless the soft-cap's libm tanh is in it)
+    // one pass: convert, transform, max (vectorised)
 #pragma omp simd reduction(max : tmax)
     for (int64_t j = 0; j < cols; ++j) {
       float unused;
-      const float v = apply_transform<kBias, kScale, kCap>(to_f(raw[j]), b, j, tr, &unused);
+      const float rv = j == y ? raw_y : to_f(raw[j]);
+      const float v = apply_transform<kBias, kScale, kCap>(rv, b, j, tr, &unused);
       scratch[j] = v;
       tmax = v > tmax ? v : tmax;
     }
@@ -171,14 +177,17 @@ template <typename T, bool kBias, bool kScale, bool kCap>
 void forward_epilogue(const T* z, int64_t rows, int64_t cols, int64_t row0, int64_t v0,
                       const Transform& tr, FwdState st) {
   const float* b = kBias ? tr.bias + v0 : nullptr;
-  constexpr bool kDirect = std::is_same<T, float>::value && !kBias && !kScale && !kCap;
+  const bool direct = std::is_same<T, float>::value && !kBias && !kScale && !kCap && st.traw == nullptr;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(cols, 1));
   at::parallel_for(0, rows, grain, [&](int64_t lo, int64_t hi) {
-    std::vector<float> scratch(kDirect ? 0 : cols);
+    std::vector<float> scratch(direct ? 0 : cols);
     for (int64_t r = lo; r < hi; ++r) {
       const int64_t i = row0 + r;
+      const int64_t yt = st.target[i] - v0;
+      const bool over = st.traw != nullptr && yt >= 0 && yt < cols;
       float tmax;
-      const float* zr = row_logits<T, kBias, kScale, kCap>(z + r * cols, cols, b, tr, scratch.data(), &tmax);
+      const float* zr = row_logits<T, kBias, kScale, kCap>(z + r * cols, cols, b, tr, scratch.data(), &tmax,
+                                                           over ? yt : -1, over ? st.traw[i] : 0.0f);
       const float m_old = st.m[i];
       // strict '>' here and the first-match scan keep the first index of a tie, as torch.argmax does
       const bool new_max = tmax > m_old;
@@ -212,7 +221,7 @@ void forward_epilogue(const T* z, int64_t rows, int64_t cols, int64_t row0, int6
 template <typename T, bool kBias, bool kScale, bool kCap>
 void backward_epilogue(T* z, int64_t rows, int64_t cols, int64_t v0, const Transform& tr,
                        const float* row_max, const float* log_norm, const float* logp, const float* coef,
-                       const int64_t* target) {
+                       const int64_t* target, const float* traw) {
   const float* b = kBias ? tr.bias + v0 : nullptr;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(cols, 1));
   at::parallel_for(0, rows, grain, [&](int64_t lo, int64_t hi) {
@@ -223,7 +232,7 @@ void backward_epilogue(T* z, int64_t rows, int64_t cols, int64_t v0, const Trans
       const float ln = log_norm[r];
       const int64_t y = target[r] - v0;
       const bool has_y = y >= 0 && y < cols;
-      const float raw_y = has_y ? to_f(zr[y]) : 0.0f;
+      const float raw_y = has_y ? (traw != nullptr ? traw[r] : to_f(zr[y])) : 0.0f;
       for (int64_t j = 0; j < cols; ++j) {
         float t = 0.0f;
         const float zz = apply_transform<kBias, kScale, kCap>(to_f(zr[j]), b, j, tr, &t);
@@ -350,6 +359,45 @@ at::Tensor vocab_chunk(const at::Tensor& weight, int64_t v0, int64_t cols, at::T
   return dst;
 }
 
+// Raw target logits x_r . w_{t_r} in fp32, for rows rows[r] of `hidden` (all rows when `rows` is
+// empty) and targets tgt[r]; NaN for a target outside [0, V) (never read).  With half-precision
+// GEMMs the logits tile is rounded to bf16 (relative 2^-9, e.g. 0.03 on a logit of 16); the
+// target's logit, which decides log p and, for a confident token, most of the normaliser, is
+// taken from here instead: worst-row gradient errors drop about 5x below eager bf16's.
+at::Tensor target_dots(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& rows,
+                       const at::Tensor& tgt) {
+  const int64_t n = tgt.size(0), H = hidden.size(1), V = weight.size(0);
+  at::Tensor out = at::empty({n}, hidden.options().dtype(at::kFloat));
+  at::Tensor hc = hidden.contiguous(), wc = weight.contiguous(), tc = tgt.contiguous();
+  const int64_t* t_p = tc.data_ptr<int64_t>();
+  const int64_t* r_p = rows.numel() > 0 ? rows.data_ptr<int64_t>() : nullptr;
+  float* o = out.data_ptr<float>();
+  dispatch_dtype(hc.scalar_type(), [&](auto tx) {
+    using X = decltype(tx);
+    dispatch_dtype(wc.scalar_type(), [&](auto tw) {
+      using W = decltype(tw);
+      const X* x = static_cast<const X*>(hc.data_ptr());
+      const W* w = static_cast<const W*>(wc.data_ptr());
+      at::parallel_for(0, n, std::max<int64_t>(1, 16384 / std::max<int64_t>(H, 1)), [&](int64_t lo, int64_t hi) {
+        for (int64_t r = lo; r < hi; ++r) {
+          const int64_t t = t_p[r];
+          if (t < 0 || t >= V) {
+            o[r] = std::numeric_limits<float>::quiet_NaN();
+            continue;
+          }
+          const X* xr = x + (r_p ? r_p[r] : r) * H;
+          const W* wr = w + t * H;
+          float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+          for (int64_t h = 0; h < H; ++h) acc += to_f(xr[h]) * to_f(wr[h]);
+          o[r] = acc;
+        }
+      });
+    });
+  });
+  return out;
+}
+
 // (logp [N], state [3, N] = (row max, log-normaliser, logp), argmax [N]); rows that are not valid
 // hold zeros; a valid token whose target is outside [0, V) gets a NaN logp.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_forward(
@@ -383,8 +431,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_forward(
   at::Tensor zbuf = at::empty({R * C}, copt);
   at::Tensor xbuf = at::empty({direct_rows(hidden, identity, cdt) ? 0 : R * H}, copt);
   at::Tensor wbuf = at::empty({direct_cols(weight, cdt) ? 0 : C * H}, copt);
+  at::Tensor traw;
+  if (cdt != at::kFloat) traw = target_dots(hidden, weight, identity ? at::empty({0}, tgt.options()) : idx, tgt);
   FwdState st{m.data_ptr<float>(), rest.data_ptr<float>(), am.data_ptr<int64_t>(), tl.data_ptr<float>(),
-              tgt.data_ptr<int64_t>()};
+              tgt.data_ptr<int64_t>(), traw.defined() ? traw.data_ptr<float>() : nullptr};
   for (int64_t v0 = 0; v0 < V; v0 += C) {
     const int64_t cols = std::min(C, V - v0);
     at::Tensor w = vocab_chunk(weight, v0, cols, wbuf);
@@ -458,6 +508,10 @@ std::tuple<OptTensor, OptTensor, OptTensor> grad_backward(
     at::Tensor dwbuf = at::empty({(need_dw && !w32) ? C * H : 0}, f32);
     at::Tensor pbuf = at::empty({(need_dw && !c32) ? C * H : 0}, copt);
     const int64_t* idx_p = idx.data_ptr<int64_t>();
+    // the soft-cap's derivative at the target from the same fp32 logit as the forward's
+    at::Tensor traw;
+    if (!c32 && tr.cap != 0.0f) traw = target_dots(hidden, weight, identity ? at::empty({0}, tgt.options()) : idx, tgt);
+    const float* traw_p = traw.defined() ? traw.data_ptr<float>() : nullptr;
     for (int64_t v0 = 0; v0 < V; v0 += C) {
       const int64_t cols = std::min(C, V - v0);
       at::Tensor w = vocab_chunk(weight, v0, cols, wbuf);
@@ -480,7 +534,7 @@ std::tuple<OptTensor, OptTensor, OptTensor> grad_backward(
           dispatch_transform(tr, [&](auto b, auto sc, auto k) {
             backward_epilogue<T, decltype(b)::value, decltype(sc)::value, decltype(k)::value>(
                 static_cast<T*>(g.data_ptr()), rows, cols, v0, tr, m_p + r0, m_p + Na + r0, m_p + 2 * Na + r0,
-                coef_a.data_ptr<float>() + r0, tgt.data_ptr<int64_t>() + r0);
+                coef_a.data_ptr<float>() + r0, tgt.data_ptr<int64_t>() + r0, traw_p ? traw_p + r0 : nullptr);
           });
           if (need_db) add_column_sums(static_cast<const T*>(g.data_ptr()), rows, cols, db_acc.data_ptr<float>() + v0);
           if (need_dx) {
@@ -522,12 +576,29 @@ void check_tile(const at::Tensor& z, const std::optional<at::Tensor>& bias, cons
   TORCH_CHECK(!bias.has_value() || (bias->dim() == 1 && bias->size(0) == z.size(1)), "bias must be [V]");
 }
 
+void check_target_raw(const std::optional<at::Tensor>& target_raw, int64_t rows) {
+  TORCH_CHECK(!target_raw.has_value() || (target_raw->dim() == 1 && target_raw->size(0) == rows &&
+                                          target_raw->scalar_type() == at::kFloat && target_raw->is_contiguous()),
+              "target_raw must be contiguous fp32 [rows]");
+}
+
+// x_r . w_{t_r} in fp32 for every row (NaN where t_r is outside [0, V)).
+at::Tensor target_logits(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& target) {
+  TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2 && hidden.size(1) == weight.size(1) && target.dim() == 1 &&
+              target.size(0) == hidden.size(0) && target.scalar_type() == at::kLong,
+              "target_logits: hidden [N, H], weight [V, H], int64 target [N]");
+  return target_dots(hidden, weight, at::empty({0}, target.options()), target);
+}
+
 // Statistics of full logits rows: (logp [rows], state [3, rows] = (max, log-normaliser, logp),
 // argmax [rows]), exactly as lse_forward computes them for a vocabulary in one chunk.
+// `target_raw` (fp32 [rows], optional): the target's raw logits computed apart (target_logits).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> chunk_stats(const at::Tensor& z, const std::optional<at::Tensor>& bias,
                                                            const at::Tensor& target, std::optional<double> logit_scale,
-                                                           std::optional<double> softcap) {
+                                                           std::optional<double> softcap,
+                                                           const std::optional<at::Tensor>& target_raw) {
   check_tile(z, bias, target);
+  check_target_raw(target_raw, z.size(0));
   const int64_t rows = z.size(0), V = z.size(1);
   const auto f32 = z.options().dtype(at::kFloat);
   at::Tensor m = at::full({rows}, kNegInf, f32);
@@ -538,7 +609,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> chunk_stats(const at::Tensor& z, 
   if (bias.has_value()) bias_f = bias->to(at::kFloat).contiguous();
   const Transform tr = make_transform(bias_f, logit_scale, softcap);
   FwdState st{m.data_ptr<float>(), rest.data_ptr<float>(), am.data_ptr<int64_t>(), tl.data_ptr<float>(),
-              target.data_ptr<int64_t>()};
+              target.data_ptr<int64_t>(), target_raw.has_value() ? target_raw->data_ptr<float>() : nullptr};
   if (rows > 0 && V > 0) {
     dispatch_dtype(z.scalar_type(), [&](auto tz) {
       using T = decltype(tz);
@@ -556,8 +627,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> chunk_stats(const at::Tensor& z, 
 // In place: the raw logits tile z becomes dz = coef * (onehot - softmax) * d(transform), in z's dtype.
 void chunk_grad_(const at::Tensor& z, const std::optional<at::Tensor>& bias, const at::Tensor& target,
                  const at::Tensor& state, const at::Tensor& coef, std::optional<double> logit_scale,
-                 std::optional<double> softcap) {
+                 std::optional<double> softcap, const std::optional<at::Tensor>& target_raw) {
   check_tile(z, bias, target);
+  check_target_raw(target_raw, z.size(0));
   const int64_t rows = z.size(0), V = z.size(1);
   TORCH_CHECK(state.dim() == 2 && state.size(0) == 3 && state.size(1) == rows && state.scalar_type() == at::kFloat &&
               state.is_contiguous(), "state must be chunk_stats' fp32 [3, rows]");
@@ -573,7 +645,7 @@ void chunk_grad_(const at::Tensor& z, const std::optional<at::Tensor>& bias, con
     dispatch_transform(tr, [&](auto fb, auto fs, auto fk) {
       backward_epilogue<T, decltype(fb)::value, decltype(fs)::value, decltype(fk)::value>(
           static_cast<T*>(z.data_ptr()), rows, V, 0, tr, s, s + rows, s + 2 * rows, coef.data_ptr<float>(),
-          target.data_ptr<int64_t>());
+          target.data_ptr<int64_t>(), target_raw.has_value() ? target_raw->data_ptr<float>() : nullptr);
     });
   });
 }
@@ -589,10 +661,11 @@ TORCH_LIBRARY(fused_objectives, m) {
   m.def("grad_backward(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, Tensor state, Tensor coef, "
         "float? logit_scale, float? softcap, bool need_dx, bool need_dw, bool need_db, int chunk_rows, "
         "int chunk_cols, bool half_gemm=False) -> (Tensor? dx, Tensor? dw, Tensor? db)");
-  m.def("chunk_stats(Tensor z, Tensor? bias, Tensor target, float? logit_scale, float? softcap) "
-        "-> (Tensor logp, Tensor state, Tensor argmax)");
+  m.def("chunk_stats(Tensor z, Tensor? bias, Tensor target, float? logit_scale, float? softcap, "
+        "Tensor? target_raw=None) -> (Tensor logp, Tensor state, Tensor argmax)");
   m.def("chunk_grad_(Tensor(a!) z, Tensor? bias, Tensor target, Tensor state, Tensor coef, float? logit_scale, "
-        "float? softcap) -> ()");
+        "float? softcap, Tensor? target_raw=None) -> ()");
+  m.def("target_logits(Tensor hidden, Tensor weight, Tensor target) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fused_objectives, CPU, m) {
@@ -600,4 +673,5 @@ TORCH_LIBRARY_IMPL(fused_objectives, CPU, m) {
   m.impl("grad_backward", &fused_objectives_cpu::grad_backward);
   m.impl("chunk_stats", &fused_objectives_cpu::chunk_stats);
   m.impl("chunk_grad_", &fused_objectives_cpu::chunk_grad_);
+  m.impl("target_logits", &fused_objectives_cpu::target_logits);
 }

@@ -110,7 +110,9 @@ def _forward_with_grad(hidden, weight, bias, target, valid, opts, coef_fn, needs
             t = target.index_select(0, ii)
         x = x.to(cdt)
         z = torch.mm(x, wc.T, out=buf[:n])
-        lp, state, am = ops.chunk_stats(z, b32, t, scale, softcap)
+        # bf16 rounds the tile's logits; the target's, which decides log p, is taken in fp32 apart
+        traw = ops.target_logits(x, wc, t) if half else None
+        lp, state, am = ops.chunk_stats(z, b32, t, scale, softcap, traw)
         tot, kp, c = coef_fn(lp, torch.ones_like(lp, dtype=torch.bool))
         if ii is None:
             logp[start:start + n] = lp
@@ -124,7 +126,7 @@ def _forward_with_grad(hidden, weight, bias, target, valid, opts, coef_fn, needs
         if not (need_dx or need_dw or need_db):
             continue
         # in place: z -> dz = c * (onehot - softmax) * d(transform), rounded to the GEMM dtype
-        ops.chunk_grad_(z, b32, t, state, c.to(f32).contiguous(), scale, softcap)
+        ops.chunk_grad_(z, b32, t, state, c.to(f32).contiguous(), scale, softcap, traw)
         if need_dx:
             if ii is None:
                 torch.mm(z, wc, out=dx[start:start + n])

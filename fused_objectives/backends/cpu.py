@@ -151,7 +151,7 @@ class _Loader:
 
     @staticmethod
     def _build() -> Optional[str]:
-        if hasattr(torch.ops.fused_objectives, "chunk_grad_") and _has_cpu_kernel():
+        if hasattr(torch.ops.fused_objectives, "target_logits") and _has_cpu_kernel():
             return None  # registered by another copy of this module (e.g. a reload)
         src = _source_path()
         if src is None:
@@ -209,7 +209,7 @@ def _compile(text: str, cflags: list, name: str, build_dir: Path, src: Path) -> 
 
 
 def _has_cpu_kernel() -> bool:
-    return torch._C._dispatch_has_kernel_for_dispatch_key("fused_objectives::chunk_grad_", "CPU")
+    return torch._C._dispatch_has_kernel_for_dispatch_key("fused_objectives::target_logits", "CPU")
 
 
 _LOADER = _Loader()
@@ -232,14 +232,18 @@ def _register_fakes() -> None:
                 torch.empty_like(bias) if need_db else None)
 
     @torch.library.register_fake("fused_objectives::chunk_stats")
-    def _chunk_stats_fake(z, bias, target, logit_scale, softcap):
+    def _chunk_stats_fake(z, bias, target, logit_scale, softcap, target_raw=None):
         n = z.shape[0]
         return (z.new_empty((n,), dtype=torch.float32), z.new_empty((3, n), dtype=torch.float32),
                 z.new_empty((n,), dtype=torch.int64))
 
     @torch.library.register_fake("fused_objectives::chunk_grad_")
-    def _chunk_grad_fake(z, bias, target, state, coef, logit_scale, softcap):
+    def _chunk_grad_fake(z, bias, target, state, coef, logit_scale, softcap, target_raw=None):
         return None
+
+    @torch.library.register_fake("fused_objectives::target_logits")
+    def _target_logits_fake(hidden, weight, target):
+        return hidden.new_empty((hidden.shape[0],), dtype=torch.float32)
 
 
 _FAKES_DONE = False
