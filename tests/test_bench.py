@@ -341,3 +341,29 @@ def test_summary_goals(every_provider):
     assert float(by["fused 50% ignored / all valid <= 0.6"][0]) == pytest.approx(
         half["time_ms"] / fused["time_ms"], rel=6e-3)
     assert "fused ms" in summarize.table(data) and "| preset |" in summarize.table(data, markdown=True)
+
+
+def test_bench_rejects_a_provider_wrong_on_its_last_chunk(monkeypatch):
+    """End to end: the fused CPU provider with `total = tot` planted (the loss of its last token chunk
+    only; gradients right) is checked on every token, found wrong, and gets no speed-up."""
+    from fused_objectives.backends import cpu as cpu_backend
+
+    monkeypatch.setattr(cpu_backend.BACKEND, "budget_bytes", 64 * 130 * 4)  # 64-token chunks at V = 130
+    real = cpu_backend.BACKEND.forward_with_grad
+
+    def last_chunk_loss(hidden, weight, bias, target, valid, opts, coef_fn, needs):
+        out = list(real(hidden, weight, bias, target, valid, opts, coef_fn, needs))
+        idx = valid.nonzero().squeeze(1)
+        last = torch.zeros_like(valid)
+        last[idx[(idx.numel() - 1) // 64 * 64:]] = True
+        out[0] = real(hidden, weight, bias, target, last, opts, coef_fn, (False, False, False))[0]
+        return tuple(out)
+
+    monkeypatch.setattr(cpu_backend.BACKEND, "forward_with_grad", last_chunk_loss)
+    plan = runner.Plan(shapes=[runner.Shape("custom", 600, 16, 130)], objectives=["neg_p"],
+                       providers=["reference", "fused-cpu"], dtype="fp32", device="cpu", warmup=0, repeats=1,
+                       isolate=False)
+    recs = [r for r in runner.run(plan) if r["provider"] == "fused-cpu"]
+    assert recs and all(r["check_tokens"] == 600 for r in recs)  # every token checked
+    assert all(r["status"] == "wrong" and r["speedup_vs_reference"] is None for r in recs), recs[0]
+    assert recs[0]["err_loss"] > 0.1 and recs[0]["err_dx"] < 1e-5
