@@ -223,3 +223,15 @@ def test_truth_agrees_with_naive_fp32(spec, opts):
         # naive fp32 loses digits near p = 1 (1 - p by subtraction; unlikelihood divides by 1 - p + 1e-3):
         # measured up to 1.2e-4 of the scale; a wrong formula or reduction is off by far more
         assert err <= 5e-4 * scale, f"{key}: naive fp32 vs truth {err:.2e} (scale {scale:.2e})"
+
+
+def test_truth_imports_nothing_from_the_package():
+    """tests/truth.py must stay independent: no import of fused_objectives, directly or by name."""
+    import ast
+
+    tree = ast.parse(open(T.__file__).read())
+    names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    names += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    assert names and not [n for n in names if n.split(".")[0] in ("fused_objectives", "helpers")], names
+    code = [line for line in open(T.__file__).read().splitlines() if "import" in line and not line.startswith(" ")]
+    assert not [line for line in code if "fused_objectives" in line], code
