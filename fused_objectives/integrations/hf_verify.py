@@ -68,6 +68,10 @@ FAMILY_CONFIGS = {
     "lfm2_moe": dict(layer_types=["conv", "full_attention"], num_dense_layers=1),
     "dots1": dict(n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2),
     "flint": dict(mlp_only_layers=[0]),
+    **{mt: dict(vocab_size_per_layer_input=128, hidden_size_per_layer_input=8)
+       for mt in ("gemma4", "gemma4_text", "gemma4_unified", "gemma4_unified_text")},
+    **{mt: dict(indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=8, indexer_budget=8,
+                indexer_compress_ratio=2) for mt in ("qwen4_exp", "qwen4_exp_text")},
     "reformer": dict(is_decoder=True, axial_pos_embds=False),
     "marian": dict(decoder_vocab_size=128),
 }
@@ -97,18 +101,30 @@ def _two_kinds(pattern):
     return "".join(picked) if isinstance(pattern, str) else type(pattern)(picked)
 
 
+def _present(cfg, name: str) -> bool:
+    """The config has ``name`` set (aliases included); per-layer attributes of heterogeneous configs, which
+    refuse a global read, count by their stored value."""
+    try:
+        return getattr(cfg, name, None) is not None
+    except Exception:
+        return vars(cfg).get(name) is not None
+
+
 def _shrink(cfg, depth=0):
     from transformers import PretrainedConfig
 
     n_layers = TINY["num_hidden_layers"]
+    if hasattr(type(cfg), "allow_global_per_layer_attribute_access") or "per_layer_config" in vars(cfg):
+        # heterogeneous (per-layer) configs: the tiny values below are set globally, for every layer
+        cfg.allow_global_per_layer_attribute_access = True
     for name, value in TINY.items():
-        if hasattr(cfg, name) and getattr(cfg, name) is not None and name not in ("layer_norm_eps",):
+        if _present(cfg, name) and name not in ("layer_norm_eps",):
             try:
                 setattr(cfg, name, value)
             except Exception:
                 pass
     for name in FILL_IF_NONE:
-        if name in vars(cfg) and getattr(cfg, name) is None:
+        if name in vars(cfg) and vars(cfg)[name] is None:
             setattr(cfg, name, TINY[name])
     for name in ("q_lora_rank",):
         if getattr(cfg, name, None) is not None:
@@ -162,8 +178,9 @@ def build_tiny(model_type: str):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = _shrink(AutoConfig.for_model(model_type))
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     for name, value in FAMILY_CONFIGS.get(model_type, {}).items():
-        setattr(cfg, name, value)
+        setattr(text if name in vars(text) and name not in vars(cfg) else cfg, name, value)
     with torch.device("meta"):
         meta = AutoModelForCausalLM.from_config(cfg)
     n = sum(p.numel() for p in meta.parameters())
