@@ -144,6 +144,24 @@ inline float sum_exp(const float* z, int64_t n, float shift) {
   return s;
 }
 
+// The first j with z[j] == v (cols - 1 if none): blocks are tested with a vectorised OR, then the
+// hit block is scanned.  The first match keeps torch.argmax's tie rule.
+inline int64_t first_equal(const float* z, int64_t cols, float v) {
+  constexpr int64_t kBlock = 64;
+  for (int64_t j0 = 0; j0 < cols; j0 += kBlock) {
+    const int64_t j1 = std::min(cols, j0 + kBlock);
+    int hit = 0;
+#pragma omp simd reduction(| : hit)
+    for (int64_t j = j0; j < j1; ++j) hit |= z[j] == v ? 1 : 0;
+    if (hit) {
+      int64_t a = j0;
+      while (a < j1 - 1 && !(z[a] == v)) ++a;
+      return a;
+    }
+  }
+  return cols - 1;
+}
+
 // Transformed fp32 logits of one row: the raw row itself (fp32, no transform) or `scratch`.
 // With `y` in [0, cols), column y's raw logit is `raw_y` instead of raw[y].
 template <typename T, bool kBias, bool kScale, bool kCap>
@@ -192,11 +210,7 @@ void forward_epilogue(const T* z, int64_t rows, int64_t cols, int64_t row0, int6
       // strict '>' here and the first-match scan keep the first index of a tie, as torch.argmax does
       const bool new_max = tmax > m_old;
       const float m_new = new_max ? tmax : m_old;
-      int64_t a = -1;
-      if (new_max) {
-        a = 0;
-        while (a < cols - 1 && !(zr[a] == tmax)) ++a;
-      }
+      const int64_t a = new_max ? first_equal(zr, cols, tmax) : -1;
       const int64_t y = st.target[i] - v0;
       if (y >= 0 && y < cols) st.tlogit[i] = zr[y];
       const float shift = m_new == kNegInf ? 0.0f : m_new;
