@@ -72,6 +72,11 @@ FAMILY_CONFIGS = {
        for mt in ("gemma4", "gemma4_text", "gemma4_unified", "gemma4_unified_text")},
     **{mt: dict(indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=8, indexer_budget=8,
                 indexer_compress_ratio=2) for mt in ("qwen4_exp", "qwen4_exp_text")},
+    "xmod": dict(default_language="en_XX", is_decoder=True),
+    "zamba2": dict(attention_hidden_size=64, attention_head_dim=16, mamba_headdim=8, kv_channels=8, num_query_groups=4,
+                   hybrid_layer_ids=[1], chunk_size=8, use_mamba_kernels=False, adapter_rank=8),
+    "cohere_compass_text": dict(rope_parameters={t: {"rope_type": "default", "rope_theta": 10000.0}
+                                                 for t in ("full_attention", "sliding_attention")}),
     "reformer": dict(is_decoder=True, axial_pos_embds=False),
     "marian": dict(decoder_vocab_size=128),
 }
