@@ -6,6 +6,7 @@ tests/test_hf_families.py runs) on every causal-LM model type of the installed t
 """
 import argparse
 import sys
+import time
 from pathlib import Path
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "supported_models.md"
@@ -23,8 +24,17 @@ def main():
 
     from fused_objectives.integrations.hf_verify import check_all, markdown_table
 
+    from fused_objectives.integrations.hf_verify import causal_lm_types
+
     torch.set_num_threads(1)
-    results = check_all(log=None if args.quiet else (lambda line: print(line, file=sys.stderr)))
+    total, t0, done = len(causal_lm_types()), time.monotonic(), [0]
+
+    def log(line):  # one line per family, with the time left (the whole run takes minutes)
+        done[0] += 1
+        left = (time.monotonic() - t0) / done[0] * (total - done[0])
+        print(f"[{done[0]}/{total}, ~{left:.0f}s left] {line}", file=sys.stderr, flush=True)
+
+    results = check_all(log=None if args.quiet else log)
     text = markdown_table(results, transformers.__version__)
     if args.check:
         same = args.out.exists() and args.out.read_text() == text
