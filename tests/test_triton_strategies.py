@@ -375,3 +375,24 @@ def test_narrow_vocabulary_with_argmax_in_column_zero(backend):
     want = torch.log_softmax(h.double() @ w.double().T, -1).gather(1, t[:, None])[:, 0]
     assert (torch.log_softmax(h.double() @ w.double().T, -1).argmax(1) == 0).any()
     torch.testing.assert_close(lp.double(), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_fp32_logits_mode(monkeypatch, dtype):
+    # half inputs, logits kept in fp32 (the gradient goes to a second, input-dtype buffer): closer
+    # to float64 than eager's half logits, on the scalar and the per-token (slab) paths
+    monkeypatch.setattr(triton_chunked, "LOGITS_FP32", True)
+    monkeypatch.setattr(triton_chunked, "MIN_SLAB_COLS", 64)
+    monkeypatch.setattr(configs, "CHUNK_BUDGET_BYTES", 7 * 150 * 6)
+    assert triton_chunked.chunk_rows(150, dtype) == 7
+    h, w, t, b = make_inputs(N=40, H=16, V=150, bias=True, peaked=6.0, dtype=dtype)
+    check("triton_chunked", h, w, t, b, objective="neg_p", softcap=9.0)
+    check("triton_chunked", h, w, t, b, objective="nll", reduction="none", upstream=torch.randn(40))
+    # the logits are fp32 indeed: the loss matches fp32 logits of the same half inputs closely
+    z = h.float() @ w.float().T + b.float()
+    z = 9.0 * torch.tanh(z / 9.0)
+    valid = t != -100
+    lp = torch.log_softmax(z, -1).gather(1, t.clamp(min=0)[:, None])[:, 0]
+    want = ((1 - lp.exp()) * valid).sum() / valid.sum()
+    got = fo.linear_objective_loss(h, w, t, b, objective="neg_p", softcap=9.0, backend="triton_chunked")
+    torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-7)

@@ -52,6 +52,18 @@ llama3-8b head, 17% of eager: far over the 2% goal).  ``DW_ACCUMULATE = "fp32"``
 ``FUSED_OBJECTIVES_DW_ACCUMULATE=fp32``) selects the fp32 buffer; its adds go through bounded
 vocabulary slabs (``DW_FP32_SLAB_BYTES``) of ``dz^T @ X_c`` products.
 
+**Logit dtype.**  By default the logits buffer has the input dtype, as eager PyTorch's
+``h @ W.T`` has: bf16 rounds each logit to 8 bits of mantissa before the fp32 softmax, so per-token
+gradients can be percents off (measured on CPU, ``fused-objectives bench --hidden 32 --vocab 500
+--tokens 64 --dtype bf16 --objective neg_p --ignored-fraction 0.5``: worst-row relative dX error
+2.1e-2, dW 2.5e-2, over the bench's 2e-2 gate, where the fused tile kernels' fp32 logits give 2.2e-3).
+``LOGITS_FP32 = True`` (or ``FUSED_OBJECTIVES_LOGITS_FP32=1``) keeps half-precision logits in fp32
+(cuBLAS with ``out_dtype=torch.float32`` where torch has it; else an fp32 copy of W per call) and
+writes the gradient into a second, input-dtype buffer: 6 bytes per logit instead of 2, so a third of
+the rows per chunk under the same budget (256 at the llama3-8b head) and three times the chunks, each
+of which re-reads and re-writes dW (1 GB + 1 GB in bf16): a prediction of up to ~13 ms more on an H100
+there.  That bench configuration passes the gate in this mode.
+
 **fp16** inputs take the scalar path in fp32 (an fp32 copy of W, fp32 chunk buffer, GEMMs, dX and
 dW): the stored gradients are multiplied by the upstream scalar (the mean's ``1/n``, a loss
 scaler's factor) only in the backward, and before that ``c * p`` underflows fp16's range for small
@@ -76,6 +88,8 @@ DW_ACCUMULATE: Optional[str] = None
 DW_FP32_SLAB_BYTES = 64 * 1024 * 1024
 #: Narrowest vocabulary slab of the per-token backward (below it, token rows are chunked instead).
 MIN_SLAB_COLS = 256
+#: None: follow FUSED_OBJECTIVES_LOGITS_FP32; True: bf16/fp16 logits kept in fp32 (see the docstring).
+LOGITS_FP32: Optional[bool] = None
 
 CoefFn = Callable[[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
@@ -97,12 +111,59 @@ def dw_accumulate() -> str:
     return mode
 
 
-def chunk_rows(n_cols: int, dtype: torch.dtype, budget: Optional[int] = None) -> int:
-    """Rows of a ``[rows, n_cols]`` buffer within the budget (a multiple of 64 once >= 64)."""
-    budget = configs.CHUNK_BUDGET_BYTES if budget is None else budget
+def logits_fp32(dtype: torch.dtype) -> bool:
+    """Whether logits of ``dtype`` inputs are kept in fp32 (always for fp32 inputs)."""
+    if dtype == torch.float32:
+        return True
+    if LOGITS_FP32 is not None:
+        return bool(LOGITS_FP32)
+    return os.environ.get("FUSED_OBJECTIVES_LOGITS_FP32", "0") not in ("", "0")
+
+
+def _bytes_per_logit(dtype: torch.dtype) -> int:
     elt = torch.empty((), dtype=dtype).element_size()
-    rows = max(1, budget // max(1, n_cols * elt))
+    # fp32 logits of half inputs need a second, input-dtype buffer for the gradient GEMMs
+    return elt if not logits_fp32(dtype) or dtype == torch.float32 else 4 + elt
+
+
+def chunk_rows(n_cols: int, dtype: torch.dtype, budget: Optional[int] = None) -> int:
+    """Rows of a ``[rows, n_cols]`` chunk of ``dtype`` inputs within the budget (a multiple of 64
+    once >= 64), counting every buffer a logit needs."""
+    budget = configs.CHUNK_BUDGET_BYTES if budget is None else budget
+    rows = max(1, budget // max(1, n_cols * _bytes_per_logit(dtype)))
     return rows // 64 * 64 if rows >= 64 else rows
+
+
+class _Buffers:
+    """A chunk's raw logits (input dtype, or fp32) and where its gradient goes (in place, or a
+    second input-dtype buffer when the logits are fp32 and the inputs are not)."""
+
+    def __init__(self, dtype: torch.dtype, elements: int, device):
+        self.dtype = dtype
+        split = logits_fp32(dtype) and dtype != torch.float32
+        self.z = torch.empty(elements, dtype=torch.float32 if split else dtype, device=device)
+        self.dz = torch.empty(elements, dtype=dtype, device=device) if split else None
+        self._w32 = {}
+
+    def logits(self, x: torch.Tensor, w: torch.Tensor, cols_from: int = 0) -> torch.Tensor:
+        """``x @ w^T`` into a contiguous ``[rows, cols]`` view of the logits buffer."""
+        out = self.z[: x.shape[0] * w.shape[0]].view(x.shape[0], w.shape[0])
+        if out.dtype == x.dtype:
+            return torch.mm(x, w.T, out=out)
+        if x.is_cuda and not self._w32:
+            try:
+                # cuBLAS: half operands, fp32 accumulation and fp32 output (torch >= 2.8)
+                return torch.mm(x, w.T, out_dtype=torch.float32, out=out)
+            except (TypeError, RuntimeError, NotImplementedError):
+                pass
+        # no fp32-output GEMM (CPU, older torch): one fp32 copy of the weight rows per call
+        key = (w.data_ptr(), w.shape[0])
+        if key not in self._w32:
+            self._w32[key] = w.float()
+        return torch.mm(x.float(), self._w32[key].T, out=out)
+
+    def grad_out(self, z: torch.Tensor) -> torch.Tensor:
+        return z if self.dz is None else self.dz[: z.numel()].view(z.shape)
 
 
 class _Rows:
@@ -137,11 +198,11 @@ class _Rows:
         return x
 
 
-def _row_pass(x, weight, bias, t, opts, buf):
-    """Steps 1-2: raw logits into ``buf`` and the row statistics."""
+def _row_pass(x, weight, bias, t, opts, bufs: _Buffers):
+    """Steps 1-2: raw logits into the buffer and the row statistics."""
     from ..kernels import rows as row_kernels
 
-    z = torch.mm(x, weight.T, out=buf[: x.shape[0]])
+    z = bufs.logits(x, weight)
     m, log_norm, logp, amax = row_kernels.row_stats(z, bias, t, opts)
     return z, m, log_norm, logp, amax
 
@@ -178,7 +239,7 @@ class TritonChunkedBackend:
         argmax = torch.zeros(N, dtype=torch.int64, device=dev)
         sel_rows = _Rows(valid, compact=not sync_free(dev))
         rows = min(max(sel_rows.count, 1), chunk_rows(V, hidden.dtype))
-        buf = torch.empty(rows, V, dtype=hidden.dtype, device=dev) if sel_rows.count else None
+        buf = _Buffers(hidden.dtype, rows * V, dev) if sel_rows.count else None
         for sel, _n in sel_rows.chunks(rows):
             x = sel_rows.hidden(hidden, sel)
             t = sel_rows.take(target, sel)
@@ -220,16 +281,16 @@ class TritonChunkedBackend:
             cols = min(V, max(MIN_SLAB_COLS, chunk_rows(n, dt) // MIN_SLAB_COLS * MIN_SLAB_COLS))
             rows = min(n, chunk_rows(cols, dt))
             # flat, so the last (narrower) slab's [rows, width] view is contiguous too
-            buf = torch.empty(rows * cols, dtype=dt, device=dev)
+            bufs = _Buffers(dt, rows * cols, dev)
             prod = torch.empty(rows, H, dtype=dt, device=dev) if need_dx and dt != f32 else None
             for v0 in range(0, V, cols):
                 v1 = min(V, v0 + cols)
                 w_s = weight[v0:v1]
                 for r0 in range(0, n, rows):
                     r1 = min(n, r0 + rows)
-                    z = torch.mm(x[r0:r1], w_s.T, out=buf[: (r1 - r0) * (v1 - v0)].view(r1 - r0, v1 - v0))
+                    z = bufs.logits(x[r0:r1], w_s)
                     dz = row_kernels.softmax_grad_(z, bias, t[r0:r1], m[r0:r1], log_norm[r0:r1], omp[r0:r1],
-                                                   c[r0:r1], opts, col0=v0)
+                                                   c[r0:r1], opts, col0=v0, out=bufs.grad_out(z))
                     if need_dx:
                         if prod is None:
                             dx32[r0:r1].addmm_(dz, w_s)
@@ -287,7 +348,7 @@ class TritonChunkedBackend:
 
         sel_rows = _Rows(valid, compact=compact)
         rows = min(max(sel_rows.count, 1), chunk_rows(V, dt))
-        buf = torch.empty(rows, V, dtype=dt, device=dev) if sel_rows.count else None
+        buf = _Buffers(dt, rows * V, dev) if sel_rows.count else None
         for sel, n in sel_rows.chunks(rows):
             x = sel_rows.hidden(hidden, sel).to(dt)
             t = sel_rows.take(target, sel)
@@ -304,7 +365,7 @@ class TritonChunkedBackend:
                 continue
             c = torch.where(v, c.float(), torch.zeros((), dtype=f32, device=dev)).contiguous()
             omp = (-torch.expm1(logp)).contiguous()
-            dz = row_kernels.softmax_grad_(z, bias, t, m, log_norm, omp, c, opts)
+            dz = row_kernels.softmax_grad_(z, bias, t, m, log_norm, omp, c, opts, out=buf.grad_out(z))
             if need_dx:
                 if compact:
                     dx.index_copy_(0, sel, torch.mm(dz, weight))

@@ -1,15 +1,16 @@
 """Row kernels over a materialised logits buffer (the chunked strategy, backends/triton_chunked.py).
 
-A library GEMM writes raw logits ``x @ W_slab^T`` into a ``[M, C]`` buffer in the input dtype
-(fp32 accumulation inside the GEMM); these kernels do everything else on it in one pass each:
+A library GEMM writes raw logits ``x @ W_slab^T`` into a ``[M, C]`` buffer in the input dtype, or
+in fp32 (``triton_chunked.LOGITS_FP32``), with fp32 accumulation inside the GEMM; these kernels do everything else on it in one pass each:
 
 - ``row_stats_kernel``: per row, bias / scale / soft-cap applied on the fly in fp32, then the row
   max ``m``, the sum ``rest`` of ``exp(z - m)`` over every column *but the argmax* (whose own term
   is exactly 1: keeping it out keeps the digits of a small remainder, which set ``1 - p`` for
   confident tokens), the first argmax and the target's logit;
-- ``dz_kernel``: overwrites the buffer in place with the logits' gradient
+- ``dz_kernel``: writes the logits' gradient (in place, or into a second buffer of the input
+  dtype when the logits are fp32)
   ``c_i * (onehot(y_i) - p_ij)``, times the soft-cap's ``1 - tanh^2`` and ``logit_scale``, in the
-  buffer's dtype, from the row statistics (``p_ij = exp(z_ij - m_i - log_norm_i)``) and the
+  input dtype, from the row statistics (``p_ij = exp(z_ij - m_i - log_norm_i)``) and the
   per-token ``1 - p`` at the target, which the launcher computes as ``-expm1(logp)``.
 
 Neither uses atomics: every program owns its rows (stats) or its tile (dz).
@@ -85,11 +86,11 @@ def row_stats_kernel(
 @triton.jit
 def dz_kernel(
     # pointers
-    z_ptr, b_ptr, tgt_ptr, m_ptr, log_norm_ptr, omp_ptr, coef_ptr,
+    z_ptr, dz_ptr, b_ptr, tgt_ptr, m_ptr, log_norm_ptr, omp_ptr, coef_ptr,
     # sizes
     M, C, col0,
     # strides
-    stride_zm,
+    stride_zm, stride_dzm,
     # logit transforms
     logit_scale, softcap,
     # meta-parameters
@@ -105,9 +106,8 @@ def dz_kernel(
     cmask = offs_c < C
     offs_v = col0 + offs_c
     mask = mmask[:, None] & cmask[None, :]
-    ptrs = z_ptr + offs_m[:, None] * stride_zm + offs_c[None, :]
     # [BLOCK_M, BLOCK_V]
-    z = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + offs_m[:, None] * stride_zm + offs_c[None, :], mask=mask, other=0.0).to(tl.float32)
     z, dcap = transform_logits(z, offs_v, cmask, b_ptr, logit_scale, softcap, HAS_BIAS, HAS_SCALE, HAS_SOFTCAP)
     tgt = tl.load(tgt_ptr + offs_m, mask=mmask, other=-1)
     m = tl.load(m_ptr + offs_m, mask=mmask, other=0.0)
@@ -123,7 +123,7 @@ def dz_kernel(
     # a zero coefficient (ignored or gated-out row) contributes exactly nothing, even where its
     # logits are not finite; a NaN coefficient stays NaN
     g = tl.where(coef[:, None] == 0.0, 0.0, g)
-    tl.store(ptrs, g.to(z_ptr.dtype.element_ty), mask=mask)
+    tl.store(dz_ptr + offs_m[:, None] * stride_dzm + offs_c[None, :], g.to(dz_ptr.dtype.element_ty), mask=mask)
 
 
 def _bias_arg(bias: Optional[torch.Tensor], z: torch.Tensor) -> torch.Tensor:
@@ -179,26 +179,28 @@ def softmax_grad_(
     coef: torch.Tensor,
     opts: LogitOptions,
     col0: int = 0,
+    out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Overwrite the raw logits buffer ``z`` [M, C] (vocabulary columns ``col0 .. col0 + C``) with
-    ``d(sum_i coef_i logp_i)/d raw_ij`` in ``z``'s dtype and return it.
+    """Write ``d(sum_i coef_i logp_i)/d raw_ij`` for the raw logits ``z`` [M, C] (vocabulary columns
+    ``col0 .. col0 + C``) into ``out`` (default: ``z`` itself, in place) in ``out``'s dtype; return it.
 
     Equals ``coef[:, None] * (onehot(target) - softmax(zz)) * dzz/draw`` with ``zz`` the transformed
     fp32 logits, using the given row statistics (``one_minus_p`` is used at the target column).
     ``bias`` is the whole ``[V]`` bias (indexed from ``col0``).
     """
     M, C = z.shape
-    assert z.stride(1) == 1
+    out = z if out is None else out
+    assert z.stride(1) == 1 and out.stride(1) == 1 and out.shape == z.shape
     cfg = configs.dz_config()
     if M > 0 and C > 0:
         dz_kernel[(triton.cdiv(M, cfg.block_m), triton.cdiv(C, cfg.block_v))](
-            z, _bias_arg(bias, z), target, m, log_norm, one_minus_p, coef,
+            z, out, _bias_arg(bias, z), target, m, log_norm, one_minus_p, coef,
             M, C, col0,
-            z.stride(0),
+            z.stride(0), out.stride(0),
             opts.logit_scale or 1.0, opts.softcap or 1.0,
             HAS_BIAS=bias is not None, HAS_SCALE=opts.logit_scale is not None,
             HAS_SOFTCAP=opts.softcap is not None,
             BLOCK_M=cfg.block_m, BLOCK_V=cfg.block_v,
             num_warps=cfg.num_warps,
         )
-    return z
+    return out
