@@ -137,7 +137,9 @@ def wide_table(records: Sequence[dict], machine: Dict[str, object]) -> str:
         # GPU rows: the roofline model's prediction beside the measurement (EVIDENCE, issue 10)
         pred = roofline.predict_record(by_pass.get("fwd_bwd", r), machine)
         check += f"; roofline {pred:.1f} ms" if pred is not None else ""
-        speed = _fmt(r["speedup_vs_reference"], ".2f") if r["correct"] else ("n/a" if r["status"] == "wrong" else "-")
+        # time / the reference's time: the same direction as x gemm (lower is faster)
+        speed = (_fmt(1 / r["speedup_vs_reference"], ".2f") if r["correct"] and r["speedup_vs_reference"]
+                 else ("n/a" if r["status"] == "wrong" else "-"))
         lines.append([r["preset"], str(r["tokens"]), r["objective"], _fmt(r["ignored_fraction"], "g"), name]
                      + [_fmt(by_pass.get(p, {}).get("time_ms"), ".1f") for p in passes]
                      + [speed, _fmt(r["matmul_ratio"], ".2f"), _fmt(r.get("cpu_matmul_ratio"), ".2f"),
@@ -153,8 +155,9 @@ def wide_table(records: Sequence[dict], machine: Dict[str, object]) -> str:
     where = machine.get("gpu") or f"{machine.get('cpu')} ({machine.get('torch_threads')} threads)"
     notes = [f"machine: {where}; torch {machine.get('torch')}, triton {machine.get('triton')}; "
              f"commit {str(machine.get('git_commit'))[:10]}{' (dirty)' if machine.get('git_dirty') else ''}",
-             f"times: median of {records[0]['repeats'] if records else '?'} repeats; x ref = reference time / time "
-             f"({main}; only for correct results); x gemm = time / three bare GEMMs (1.0 = physical limit); "
+             f"times: median of {records[0]['repeats'] if records else '?'} repeats; x ref = time / reference time "
+             f"({main}; only for correct results); x gemm = time / three bare GEMMs (1.0 = physical limit; "
+             "both: lower is faster); "
              "cpu x gemm = the same in process CPU time (CPU runs); "
              "TFLOP/s on 6*N_valid*H*V; peak MB = peak memory growth over the inputs, extra MB = peak minus gradients"]
     if machine.get("note"):
