@@ -12,7 +12,10 @@ measures both** (nothing here has run on a GPU yet):
   per logit in bf16 against ``6 H`` FLOPs per logit.  At H = 4096 that is 2,048 FLOP/B, far above
   the H100's ridge (989 TFLOP/s / 3.35 TB/s = 295 FLOP/B), so it stays GEMM-bound: predicted
   ``6 N H V / (0.75 x 989 TFLOP/s) + 12 N V / 3.35 TB/s`` = 34.8 + 3.8 ms at the llama3-8b head
-  (N = 8192, V = 128256), i.e. ~1.11x three bare GEMMs at the same cuBLAS efficiency.
+  (N = 8192, V = 128256), i.e. ~1.11x three bare GEMMs at the same cuBLAS efficiency.  Each chunk's
+  ``dW += dz^T X`` also reads and writes the bf16 dW (2.1 GB): 11 chunks of 768 rows move 23 GB,
+  up to 6.9 ms more where cuBLAS does not hide it behind the GEMM's own 1.2 ms of math per chunk,
+  so the prediction is 1.11x-1.31x; larger chunks (a larger ``CHUNK_BUDGET_BYTES``) trade memory for it.
 - **per-token upstream gradients (``reduction="none"``, ``target_logprob``): the cheaper of the two
   by** :func:`predict_seconds`.  Chunked: 4 GEMMs at cuBLAS efficiency + ~14 B of buffer traffic per
   logit.  Fused: 4 GEMMs' worth of ``tl.dot`` at a lower efficiency (one 128-row tile per SM,
