@@ -1,7 +1,8 @@
 """Verify ``patch_model`` on every causal-LM family of the installed transformers.
 
 For each model type of ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`` it builds a tiny random model from the
-default config (no download), runs the unpatched training forward and backward, then checks:
+default config (no download; shrunk by ``TINY``, plus the per-family settings of ``FAMILY_CONFIGS``
+where a generic shrink cannot work), runs the unpatched training forward and backward, then checks:
 
 1. patched ``nll``: loss and every parameter gradient equal the unpatched ones (fp32), logits None;
 2. patched ``neg_p``: loss equals ``mean(1 - p)`` computed from the unpatched logits, plus the
