@@ -423,3 +423,19 @@ def test_bf16_target_logit_in_fp32_beats_eager_bf16(half_gemm, reduction):
     for key in ("dh", "dw"):
         ours, eager = worst_row(fused[key], truth[key]), worst_row(base[key], truth[key])
         assert ours < 0.5 * eager, (key, ours, eager)
+
+
+def test_half_gemm_measures_real_tensors_while_tracing(monkeypatch):
+    # first reached inside torch.compile's tracing (fake tensors): the timing must still run real
+    # GEMMs, or a meaningless measurement would be cached for the whole process
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    def probe(dtype):
+        assert not isinstance(torch.randn(2), FakeTensor)
+        return 0.1, 1.0
+
+    monkeypatch.delenv("FUSED_OBJECTIVES_CPU_HALF_GEMM", raising=False)
+    monkeypatch.setattr(cpu, "_HALF_GEMM", {})
+    monkeypatch.setattr(cpu, "_gemm_times", probe)
+    with FakeTensorMode():
+        assert cpu.half_gemm(torch.bfloat16) is True

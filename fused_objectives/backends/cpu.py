@@ -296,6 +296,14 @@ def _gemm_times(dtype: torch.dtype, n: int = 64, h: int = 256, v: int = 512, rou
     return sum(best[0]), sum(best[1])
 
 
+def _real_tensors():
+    try:
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+    except ImportError:  # older torch: no fake-mode stack to leave
+        return contextlib.nullcontext()
+    return unset_fake_temporarily()
+
+
 def half_gemm(dtype: torch.dtype) -> bool:
     """Whether ``dtype`` (bf16 / fp16) inputs run their GEMMs in ``dtype`` rather than fp32 here.
 
@@ -314,7 +322,8 @@ def half_gemm(dtype: torch.dtype) -> bool:
         with _HALF_LOCK:
             got = _HALF_GEMM.get(dtype)
             if got is None:
-                with torch.autocast("cpu", enabled=False), torch.no_grad():
+                # real tensors even when first reached while tracing (torch.compile's fake tensors)
+                with _real_tensors(), torch.autocast("cpu", enabled=False), torch.no_grad():
                     t_half, t_32 = _gemm_times(dtype)
                 got = t_half < 0.8 * t_32
                 _HALF_GEMM[dtype] = got
