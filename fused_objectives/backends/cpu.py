@@ -179,6 +179,7 @@ class _Loader:
                 return missing
             return _compile(text, cflags, name, build_dir, src)
 
+
 def _compile(text: str, cflags: list, name: str, build_dir: Path, src: Path) -> Optional[str]:
     from torch.utils.cpp_extension import load
 
