@@ -220,3 +220,12 @@ def test_tanh_helper_compiled():
     near = x64.abs() <= 4
     rel_d = ((d.cpu().double() - d_true).abs()[near] / d_true[near]).max().item()
     assert rel_t < 16 * 2.0 ** -24 and rel_d < 32 * 2.0 ** -24, (rel_t, rel_d)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_chunked_fp32_logits_mode(monkeypatch, reduction):
+    # cuBLAS with out_dtype=float32 (or the fp32-weight fallback on torch without it)
+    monkeypatch.setattr(triton_chunked, "LOGITS_FP32", True)
+    h, w, t, b = make_inputs(N=400, H=256, V=4099, dtype=torch.bfloat16, bias=True, peaked=6.0)
+    up = torch.randn(400) if reduction == "none" else None
+    check_cuda("triton_chunked", h, w, t, b, objective="neg_p", reduction=reduction, upstream=up, k=1.0)
