@@ -232,22 +232,30 @@ def _chunk_rows(dtype) -> int:
     return rows // 64 * 64 if rows >= 64 else rows
 
 
+def _logits_dtype(case: Case):
+    """The chunked strategy's logits buffer: the input dtype, or fp32 for half inputs when
+    ``fp32_logits`` (triton_chunked.LOGITS_FP32; fp16 scalar losses always)."""
+    return _torch().float32 if case.features.get("fp32_logits") else case.torch_dtype
+
+
 def _row_stats_launch(case: Case):
     """kernels/rows.py row_stats on one [rows, V] chunk of the scalar path."""
     torch = _torch()
-    V, cfg, x = SHAPE["V"], case.config, case.torch_dtype
+    V, cfg, x, z = SHAPE["V"], case.config, case.torch_dtype, _logits_dtype(case)
     f32, i64 = torch.float32, torch.int64
-    args = [Ptr(x), Ptr(x), Ptr(i64), Ptr(f32), Ptr(f32), Ptr(i64), Ptr(f32), _chunk_rows(x), V, V, 1.0, 1.0]
+    args = [Ptr(z), Ptr(x), Ptr(i64), Ptr(f32), Ptr(f32), Ptr(i64), Ptr(f32), _chunk_rows(z), V, V, 1.0, 1.0]
     return args, dict(**_transforms(case), BLOCK_M=cfg.block_m, BLOCK_V=cfg.block_v, num_warps=cfg.num_warps)
 
 
 def _dz_launch(case: Case):
-    """kernels/rows.py softmax_grad_ on one [rows, V] chunk (col0 0).  The per-token backward's slabs
-    ([n, 12288] at N 8192, col0 a multiple of 12288) give the same specialisation: every size 16-divisible."""
+    """kernels/rows.py softmax_grad_ on one [rows, V] chunk (col0 0), output in the input dtype (in place
+    unless the logits are fp32).  The per-token backward's slabs ([n, 12288] at N 8192, col0 a multiple
+    of 12288, last slab 5376 wide) give the same specialisation: every size 16-divisible."""
     torch = _torch()
-    V, cfg, x = SHAPE["V"], case.config, case.torch_dtype
+    V, cfg, x, z = SHAPE["V"], case.config, case.torch_dtype, _logits_dtype(case)
     f32, i64 = torch.float32, torch.int64
-    args = [Ptr(x), Ptr(x), Ptr(i64), Ptr(f32), Ptr(f32), Ptr(f32), Ptr(f32), _chunk_rows(x), V, 0, V, 1.0, 1.0]
+    args = [Ptr(z), Ptr(x), Ptr(x), Ptr(i64), Ptr(f32), Ptr(f32), Ptr(f32), Ptr(f32), _chunk_rows(z), V, 0, V, V,
+            1.0, 1.0]
     return args, dict(**_transforms(case), BLOCK_M=cfg.block_m, BLOCK_V=cfg.block_v, num_warps=cfg.num_warps)
 
 
@@ -257,6 +265,8 @@ def _grad_valid(f: Dict[str, bool]) -> bool:
 
 
 TRANSFORMS = ("bias", "scale", "softcap")
+GRAD_SWITCHES = ("dx", "dw", "db")  # the backward's outputs (subset "full" samples their combinations)
+ROW_FEATURES = TRANSFORMS + ("fp32_logits",)
 # Row kernels have no tl.dot: the TF32 setting cannot change them, one fp32 entry covers both.
 NO_DOT_DTYPES = ("bf16", "fp16", "fp32-ieee")
 
@@ -267,9 +277,9 @@ KERNELS: List[KernelEntry] = [
                 TRANSFORMS + ("dx", "dw", "db"), _grad_bwd_launch, _grad_valid,
                 smoke=(dict(dx=True, dw=True),)),
     KernelEntry("row_stats_kernel", "fused_objectives.kernels.rows:row_stats_kernel", _rows_configs,
-                TRANSFORMS, _row_stats_launch, dtypes=NO_DOT_DTYPES),
+                ROW_FEATURES, _row_stats_launch, dtypes=NO_DOT_DTYPES, smoke=({}, dict(fp32_logits=True))),
     KernelEntry("dz_kernel", "fused_objectives.kernels.rows:dz_kernel", _dz_configs,
-                TRANSFORMS, _dz_launch, dtypes=NO_DOT_DTYPES),
+                ROW_FEATURES, _dz_launch, dtypes=NO_DOT_DTYPES, smoke=({}, dict(fp32_logits=True))),
 ]
 
 
@@ -359,6 +369,8 @@ def sass_counts(cubin: bytes) -> Optional[Dict[str, int]]:
         "HGMMA": n("HGMMA"), "HMMA": n("HMMA"),
         "ATOM": n("ATOM", "ATOMG", "ATOMS"), "RED": n("RED", "REDG"),
         "MEMBAR": n("MEMBAR"), "CCTL": n("CCTL"),
+        # GPU- or system-wide fences (what an acq_rel atomic brings); MEMBAR.ALL.CTA orders shared memory only
+        "MEMBAR_GPU": sum(1 for o in ops if o.startswith("MEMBAR") and (".GPU" in o or ".SYS" in o)),
         "LDGSTS": n("LDGSTS"), "UTMALDG": n("UTMALDG"),
         "LDL": n("LDL"), "STL": n("STL"),
     }
@@ -462,9 +474,9 @@ def feature_sets(entry: KernelEntry, subset: str) -> List[Dict[str, bool]]:
     """The feature combinations compiled for ``subset``:
 
     - ``all``: every combination (the cross product);
-    - ``full``: every combination of the logit transforms (bias, scale, soft-cap) with the gradient
-      switches all on (as many as valid), plus every combination of the gradient switches with the
-      transforms all off and all on (backward: 16 instead of 40 per dtype and arch);
+    - ``full``: every combination of the other switches (logit transforms, fp32 logits) with the
+      gradient switches (dx, dw, db) all on (as many as valid), plus every combination of the gradient
+      switches with the others all off and all on (backward: 16 instead of 40 per dtype and arch);
     - ``smoke``: the entry's ``smoke`` sets (default: everything off), the test's subset.
     """
     names = entry.features
@@ -472,13 +484,14 @@ def feature_sets(entry: KernelEntry, subset: str) -> List[Dict[str, bool]]:
         return [{**{k: False for k in names}, **s} for s in (entry.smoke or ({},))]
     combos = [dict(zip(names, bits)) for bits in itertools.product((False, True), repeat=len(names))]
     combos = [f for f in combos if entry.valid(f)]
-    grads = [k for k in names if k not in TRANSFORMS]
+    grads = [k for k in names if k in GRAD_SWITCHES]
     if subset == "all" or not grads:
         return combos
     keep = []
     for f in combos:
-        transforms = [f[k] for k in names if k in TRANSFORMS]
-        most = max(sum(g[k] for k in grads) for g in combos if all(g[k] == f[k] for k in names if k in TRANSFORMS))
+        transforms = [f[k] for k in names if k not in GRAD_SWITCHES]
+        most = max(sum(g[k] for k in grads) for g in combos
+                   if all(g[k] == f[k] for k in names if k not in GRAD_SWITCHES))
         if sum(f[k] for k in grads) == most or all(transforms) or not any(transforms):
             keep.append(f)
     return keep
@@ -492,7 +505,8 @@ def cases(entry: KernelEntry, dtypes: Sequence[str], subset: str, archs: Sequenc
             continue
         dtype = DTYPES[dname]
         for feats in sets:
-            if not entry.valid(feats):
+            # fp32 logits are the input dtype's own for fp32 inputs: no separate variant
+            if not entry.valid(feats) or (feats.get("fp32_logits") and dtype.torch_name == "float32"):
                 continue
             for arch in archs:
                 for cname, cfg in entry.configs(dtype, arch).items():
@@ -600,7 +614,7 @@ def markdown(records: List[dict], env: dict) -> str:
         lines.append("")
     lines += ["## All compilations", "",
               "| kernel | arch | dtype | features | config | shared B (limit) | regs | spill B | "
-              "wgmma / mma (PTX) | HGMMA / HMMA (SASS) | atomics (PTX) | MEMBAR / CCTL | verdict |",
+              "wgmma / mma (PTX) | HGMMA / HMMA (SASS) | atomics (PTX) | MEMBAR gpu / all, CCTL (SASS) | verdict |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         if not r["compiled"]:
@@ -613,7 +627,7 @@ def markdown(records: List[dict], env: dict) -> str:
             f"{r['config_name']} {_cfg_str(r['config'])} | {r['shared_bytes']:,} ({r['shared_limit']:,}) | "
             f"{r['registers']} | {r['spill_bytes']} | {r['ptx']['wgmma']} / {r['ptx']['mma_sync']} | "
             f"{s.get('HGMMA', '?')} / {s.get('HMMA', '?')} | {_atom_str(r['atomics'])} | "
-            f"{s.get('MEMBAR', '?')} / {s.get('CCTL', '?')} | {r['verdict']} |")
+            f"{s.get('MEMBAR_GPU', '?')} / {s.get('MEMBAR', '?')}, {s.get('CCTL', '?')} | {r['verdict']} |")
     return "\n".join(lines) + "\n"
 
 
