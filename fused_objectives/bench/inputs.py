@@ -28,6 +28,10 @@ TOLERANCE_FLOOR = {torch.float32: 2e-3, torch.float16: 1e-2, torch.bfloat16: 2e-
 TOLERANCE_FLOOR_CPU = {torch.float32: 2e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 # ... and a provider may be this many times worse than the same-dtype reference.
 TOLERANCE_FACTOR = 8.0
+# The worst single row (token of dX, vocabulary row of dW) may be this many times the tolerance: a
+# maximum over thousands of rows exceeds the normwise error (bf16 logits: worst rows ~2x normwise),
+# while a wrong row or chunk is off by its whole error.
+ROW_FACTOR = 4.0
 # The float64 truth walks the tokens in chunks whose float64 [rows, V] buffers stay within this many bytes.
 TRUTH_CHUNK_BYTES = {"cuda": 1 << 30, "cpu": 256 << 20}
 
@@ -189,7 +193,9 @@ def tolerance(dtype: torch.dtype, reference_error: float, device=None) -> float:
 
 
 def check(res: Result, gt: Result, tol: float) -> Tuple[bool, float, Dict[str, float]]:
-    """``(passed, worst error, errors)``: every error in :func:`errors` must be within ``tol``."""
+    """``(passed, worst error, errors)``: every normwise error in :func:`errors` within ``tol`` and
+    every row error within ``ROW_FACTOR * tol``; ``worst`` is the largest error in units of its
+    own bound times ``tol`` (so ``passed == worst <= tol``)."""
     errs = errors(res, gt)
-    worst = max(errs.values())
+    worst = max(v / ROW_FACTOR if k.endswith("_rows") else v for k, v in errs.items())
     return worst <= tol, worst, errs
