@@ -57,6 +57,13 @@ def test_chunked_defaults_follow_the_shipped_strategy():
     assert "chunks of 768" in p.notes and "dW accumulated in bf16" in p.notes and "dw_cast" not in p.parts_ms
 
 
+def test_chunked_fp16_runs_in_fp32():
+    p16 = rl.predict("triton_chunked", N, H, V, "fp16", 1.0, exact())
+    p32 = rl.predict("triton_chunked", N, H, V, "fp32", 1.0, exact(), dw_accum="fp32")
+    assert p16.parts_ms["fp16_casts"] == pytest.approx(V * H * 12 / 4000e9 * 1e3)
+    assert p16.time_ms == pytest.approx(p32.time_ms + p16.parts_ms["fp16_casts"])
+
+
 def test_chunked_compacts_ignored_rows():
     full = rl.predict("triton_chunked", N, H, V, "bf16", 1.0, exact(), chunk_rows=1024)
     half = rl.predict("triton_chunked", N, H, V, "bf16", 0.5, exact(), chunk_rows=1024)

@@ -10,7 +10,8 @@ in what they execute beyond it and in the bytes they move:
   the floor the bench reports ratios against;
 - ``triton_chunked``: valid rows compacted, then per chunk of ``M`` rows a logits GEMM, row kernels
   that read the ``[M, V]`` logits and write ``dz`` in place (3 passes), and the dX and dW GEMMs
-  (``dW`` accumulated over chunks: read + written once per chunk, fp32 buffer or in place);
+  (``dW`` accumulated over chunks: read + written once per chunk, in place or an fp32 buffer); fp16
+  inputs run it all in fp32, as shipped;
 - ``triton_fused``: tile kernels (at ``fused_vs_gemm`` of the GEMM rate): the forward computes
   logits (2 N H V), the backward recomputes them and adds ``dz @ W`` and ``dz^T @ X`` with fp32 atomics (6 N H V; 8 N H V in all), each atomic a
   read-modify-write that misses L2 at these sizes;
@@ -226,6 +227,14 @@ def predict(strategy: str, n: int, h: int, v: int, dtype: str = "bf16", valid_fr
         nbytes = 3 * (n * v * e + v * h * e + n * h * e)
         return Prediction(strategy, 1e3 * sum(parts.values()), _ms(parts), 3 * f, nbytes,
                           "three GEMMs in the input dtype over all N tokens")
+    if strategy == "triton_chunked" and dtype == "fp16":
+        # shipped: fp16 scalar losses run the whole chunked path in fp32 (an fp32 copy of W, fp32
+        # GEMMs: TF32 only when allowed) so that c * p cannot underflow fp16 before the upstream scalar
+        p = predict(strategy, n, h, v, "fp32", valid_fraction, hw, tf32=tf32, dw_accum="fp32")
+        copy = v * h * (2 + 4) + v * h * (4 + 2)  # W to fp32, dW back to fp16
+        p.parts_ms["fp16_casts"] = 1e3 * copy / bw
+        return Prediction(strategy, p.time_ms + p.parts_ms["fp16_casts"], p.parts_ms, p.flops, p.bytes + copy,
+                          "fp16 runs in fp32: " + p.notes)
     if strategy == "triton_chunked":
         parts, flops, nbytes = _chunked(n_valid, h, v, e, hw, rate, bw, chunk_rows, e, DTYPE_BYTES[dw_accum], 3,
                                         measured_chunks=bool(hw.chunk_tflops))
