@@ -104,6 +104,7 @@ class ObjectiveSumFunction(torch.autograd.Function):
         ctx.save_for_backward(dx, dw, db)
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.backend_name = _backend_name(backend)
+        ctx.consumed = False
         ctx.mark_non_differentiable(logp, kept, hit)
         return total, logp, kept, hit
 
@@ -116,7 +117,16 @@ class ObjectiveSumFunction(torch.autograd.Function):
                 f"gradients during the forward pass, so they cannot be differentiated again. Use "
                 f"reduction='none' and reduce the per-token losses yourself (that path recomputes a "
                 f"differentiable gradient on materialised logits), or backend='reference'.")
+        if ctx.consumed:
+            raise RuntimeError(
+                f"a second backward through the same mean/sum loss (retain_graph=True) is not "
+                f"supported by backend={ctx.backend_name!r}: its gradients are computed during the "
+                f"forward pass and the first backward hands them over (scaled in place, so no "
+                f"gradient-sized copy is made). Compute the loss again, use reduction='none' and "
+                f"reduce it yourself, or backend='reference'.")
+        ctx.consumed = True
         grads = []
         for g, dtype in zip(ctx.saved_tensors, ctx.dtypes):
-            grads.append(None if g is None else (g * grad_total).to(dtype))
+            # in place: a gradient-sized copy here would be the largest extra buffer of the step
+            grads.append(None if g is None else g.mul_(grad_total).to(dtype))
         return (*grads, None, None, None, None, None)

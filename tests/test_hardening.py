@@ -461,3 +461,22 @@ def test_fp16_small_gradients_need_a_loss_scale(backend):
     assert grads[1.0].abs().max() == 0  # all lost to underflow without a scale
     err = ((grads[scale] - truth).abs().max() / truth.abs().max()).item()
     assert err < 2e-3, err
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton_chunked"])
+def test_gradients_in_forward_scaled_in_place_once(backend):
+    """The stored gradients are scaled in place (no gradient-sized copy): right for one backward
+    with any upstream scalar, and a second backward through the same loss is refused by name."""
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(9, 16, generator=g, requires_grad=True)
+    w = torch.randn(40, 16, generator=g, requires_grad=True)
+    t = torch.randint(0, 40, (9,), generator=g)
+    loss = fo.linear_objective_loss(h, w, t, objective="neg_p", backend=backend)
+    (loss * -2.5).backward(retain_graph=True)
+    h64, w64 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    p = torch.log_softmax(h64 @ w64.T, -1).gather(1, t[:, None]).exp()
+    ((1 - p).mean() * -2.5).backward()
+    torch.testing.assert_close(h.grad.double(), h64.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-5, atol=1e-6)
+    with pytest.raises(RuntimeError, match="second backward"):
+        loss.backward()
