@@ -103,6 +103,15 @@ inline float cap_tanh(float a) {
 template <typename T>
 inline float to_f(T v) { return static_cast<float>(v); }
 
+// bf16 -> fp32 is the top half of the fp32 bits: spelled out so every loop vectorises it
+template <>
+inline float to_f<at::BFloat16>(at::BFloat16 v) {
+  const uint32_t bits = static_cast<uint32_t>(v.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
 struct Transform {
   const float* bias;  // fp32 [V] or nullptr
   float scale;        // 1 when unset
