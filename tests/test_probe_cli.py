@@ -168,7 +168,10 @@ def test_cli_other_errors(tiny, tmp_path, capsys):
     rc, _, err = _probe(capsys, "--model", model_dir, "--data", data, "--batch-size", "0")
     assert rc == 2 and "--batch-size must be >= 1" in err
     rc, _, err = _probe(capsys, "--model", str(tmp_path / "no_model"), "--data", data)
-    assert rc == 2 and "could not load a tokenizer" in err
+    assert rc == 2 and "--model" in err and "no_model" in err and "no such directory" in err, err
+    (tmp_path / "empty_model").mkdir()
+    rc, _, err = _probe(capsys, "--model", str(tmp_path / "empty_model"), "--data", data)
+    assert rc == 2 and "could not load a tokenizer" in err, err
     # a tokenizer without a chat template cannot render --messages-field
     tok = make_tiny.make_tokenizer()
     tok.chat_template = None
