@@ -145,6 +145,25 @@ def _check_inputs(hidden, weight, target, bias, ignore_index, shift, backend_nam
         raise ValueError("shift=True needs target with a sequence dimension, got a 0-dim target")
 
 
+@torch.library.custom_op("fused_objectives::valid_targets", mutates_args=())
+def _valid_targets(target: torch.Tensor, vocab: int, ignore_index: int) -> torch.Tensor:
+    """``target != ignore_index`` for a CPU ``target`` [N] (int64), raising ``ValueError`` when a
+    valid target lies outside ``[0, vocab)``.  An operator, so the check runs inside the kernel:
+    ``torch.compile`` (fullgraph) sees one opaque op instead of a data-dependent Python branch."""
+    valid = target != ignore_index
+    bad = valid & ((target < 0) | (target >= vocab))
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"target holds {int(target[i])} at flat position {i}, outside [0, {vocab}) "
+                         f"and not ignore_index={ignore_index}")
+    return valid
+
+
+@_valid_targets.register_fake
+def _valid_targets_fake(target, vocab, ignore_index):
+    return torch.empty_like(target, dtype=torch.bool)
+
+
 def _prepare(hidden, weight, target, bias, ignore_index, shift, softcap, logit_scale, backend):
     """Validate, flatten to 2-D and resolve the backend: ``(h2, t1, valid, opts, backend, shape)``."""
     _check_inputs(hidden, weight, target, bias, ignore_index, shift, backend if isinstance(backend, str) else None)
@@ -158,15 +177,20 @@ def _prepare(hidden, weight, target, bias, ignore_index, shift, softcap, logit_s
         target = torch.cat([target[..., 1:], pad], dim=-1)
     t1 = target.reshape(-1).contiguous()  # the kernels index targets with unit stride
     h2 = hidden.reshape(-1, hidden.shape[-1])
-    valid = t1 != ignore_index
-    V = weight.shape[0]
-    if hidden.device.type == "cpu" and t1.numel():
-        bad = valid & ((t1 < 0) | (t1 >= V))
-        if bool(bad.any()):
-            i = int(bad.nonzero()[0, 0])
-            raise ValueError(f"target holds {int(t1[i])} at flat position {i}, outside [0, {V}) "
-                             f"and not ignore_index={ignore_index}")
+    if hidden.device.type == "cpu":
+        valid = _valid_targets(t1, weight.shape[0], ignore_index)
+    else:  # CUDA: no host sync; an out-of-range target makes its log-probability NaN
+        valid = t1 != ignore_index
     return h2, t1, valid, opts, impl, shape
+
+
+def _grad_in_forward(impl, dtype) -> bool:
+    """Whether a scalar loss takes the backend's gradients-in-the-forward path for this dtype (a
+    backend may decline it per dtype with ``grad_in_forward(dtype)``)."""
+    if impl == REFERENCE or not hasattr(impl, "forward_with_grad"):
+        return False
+    choose = getattr(impl, "grad_in_forward", None)
+    return True if choose is None else bool(choose(dtype))
 
 
 def _logprob(h2, weight, bias, t1, valid, opts, impl):
@@ -317,7 +341,10 @@ def linear_objective_loss(
     items = _num_items(num_items_in_batch, hidden.device)
     wants_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias))
-    if reduction != "none" and wants_grad and hasattr(impl, "forward_with_grad"):
+    # under torch.compile the per-token path runs (its operators have fake kernels and trace into
+    # one graph); the gradients-in-forward path loops on the host over data-dependent token chunks
+    if (reduction != "none" and wants_grad and _grad_in_forward(impl, hidden.dtype)
+            and not torch.compiler.is_compiling()):
         # a scalar loss: the backend computes the gradients while the logits are at hand
         total, logp, kept, hit = ObjectiveSumFunction.apply(h2, weight, bias, t1, valid, opts, impl,
                                                             objective_coefficients(obj))

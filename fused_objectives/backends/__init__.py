@@ -19,6 +19,8 @@ Optionally, for losses reduced to a scalar (gradients computed while the logits 
   losses, kept, dSum/dlogp)`` (``autograd.objective_coefficients``) is called on each token chunk's
   ``[rows]`` vectors; ``dx, dw, db`` are the gradients of ``total`` (None where not needed), which
   the autograd layer scales by the upstream scalar and casts to the input dtypes.
+- ``grad_in_forward(dtype) -> bool``: whether ``forward_with_grad`` should be used for inputs of
+  ``dtype`` (absent: always); e.g. ``triton`` declines fp16, whose per-token path is cheaper.
 - ``name``: the backend's name, used in error messages (e.g. the double-backward refusal).
 
 The autograd layer (``fused_objectives/autograd.py``) is the only caller.
