@@ -216,6 +216,24 @@ def _has_cpu_kernel() -> bool:
 _LOADER = _Loader()
 
 
+def _constant_at_trace(fn):
+    """Under ``torch.compile``, run ``fn`` once while tracing and keep its result as a constant (no
+    graph break, nothing of it in the graph): the loader's locks and file I/O, and the one-off GEMM
+    timing, are host work done once per process, not operations to trace."""
+    try:
+        return torch._dynamo.assume_constant_result(fn)
+    except AttributeError:  # a torch without dynamo
+        return fn
+
+
+@_constant_at_trace
+def _ensure_loaded() -> Optional[str]:
+    reason = _LOADER.ensure()
+    if reason is None:
+        _register_fakes_once()
+    return reason
+
+
 def _register_fakes() -> None:
     # shape-only kernels so torch.compile / FakeTensor tracing can see through the operators
     @torch.library.register_fake("fused_objectives::lse_forward")
@@ -305,6 +323,7 @@ def _real_tensors():
     return unset_fake_temporarily()
 
 
+@_constant_at_trace
 def half_gemm(dtype: torch.dtype) -> bool:
     """Whether ``dtype`` (bf16 / fp16) inputs run their GEMMs in ``dtype`` rather than fp32 here.
 
@@ -366,10 +385,7 @@ class CPUBackend:
         if device.type != "cpu":
             return (f"backend='cpu' needs CPU tensors, got {device}; use backend='triton' (CUDA) "
                     f"or backend='reference'")
-        reason = _LOADER.ensure()
-        if reason is None:
-            _register_fakes_once()
-        return reason
+        return _ensure_loaded()
 
     def _plan(self, hidden, weight) -> Tuple[int, int]:
         n, h = hidden.shape
