@@ -114,3 +114,79 @@ def test_fullgraph_in_fresh_process_before_any_eager_call():
     res = subprocess.run([sys.executable, "-c", FRESH], capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.startswith("ok")
+
+
+def _tiny_llama(V=64):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.AutoConfig.for_model(
+        "llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, vocab_size=V, max_position_embeddings=64, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).train()
+
+
+def _llama_batch(V=64):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, V, (2, 8), generator=g)
+    labels = ids.clone()
+    labels[:, :3] = -100
+    return dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels)
+
+
+def test_patched_llama_compiles_without_extra_graph_breaks_and_equals_eager():
+    from fused_objectives.integrations.hf import patch_model
+
+    inp = _llama_batch()
+    plain = _tiny_llama()
+    torch._dynamo.reset()
+    breaks_plain = torch._dynamo.explain(lambda **k: plain(**k).loss)(**inp).graph_break_count
+    with torch.no_grad():  # float64 truth of neg_p (loss 1 - p) from the unpatched model's logits
+        logits = plain(**{k: v for k, v in inp.items() if k != "labels"}).logits.double()
+    target = torch.cat([inp["labels"][:, 1:], torch.full_like(inp["labels"][:, :1], -100)], 1)
+    valid = target != -100
+    p = torch.softmax(logits, -1).gather(-1, target.clamp(min=0)[..., None])[..., 0]
+    truth = (1 - p)[valid].mean()
+
+    model = patch_model(_tiny_llama(), objective="neg_p")
+    torch._dynamo.reset()
+    breaks_patched = torch._dynamo.explain(lambda **k: model(**k).loss)(**inp).graph_break_count
+    assert breaks_patched <= breaks_plain, (breaks_patched, breaks_plain)
+
+    def step(fn):
+        model.zero_grad(set_to_none=True)
+        loss = fn(**inp)
+        loss.backward()
+        grads = {n: q.grad.clone() for n, q in model.named_parameters() if q.grad is not None}
+        return loss.detach(), grads
+
+    torch._dynamo.reset()
+    eager_loss, eager_grads = step(lambda **k: model(**k).loss)
+    compiled = torch.compile(lambda **k: model(**k).loss, fullgraph=True)
+    step(compiled)
+    with torch._dynamo.config.patch(error_on_recompile=True):  # the patch's state must not defeat the guards
+        comp_loss, comp_grads = step(compiled)
+    torch.testing.assert_close(comp_loss.double(), truth, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(comp_loss, eager_loss, rtol=1e-5, atol=1e-6)
+    assert set(comp_grads) == set(eager_grads) and len(comp_grads) == len(list(model.parameters()))
+    scale = max(g.abs().max().item() for g in eager_grads.values())
+    for k in eager_grads:
+        torch.testing.assert_close(comp_grads[k], eager_grads[k], rtol=0, atol=1e-5 * scale, msg=k)
+
+
+def _neg_p_with_graph_break(logp):
+    torch._dynamo.graph_break()  # e.g. a family or an objective that dynamo cannot trace
+    return 1 - logp.exp()
+
+
+def test_patched_llama_with_a_graph_break_compiles_and_equals_eager():
+    # a graph break inside the patched forward used to recurse forever (the resumed frame resolved the
+    # model's bound forward to the patched one again)
+    from fused_objectives.integrations.hf import patch_model
+
+    inp = _llama_batch()
+    model = patch_model(_tiny_llama(), objective=_neg_p_with_graph_break)
+    torch._dynamo.reset()
+    eager = model(**inp).loss
+    compiled = torch.compile(lambda **k: model(**k).loss)(**inp)
+    torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-7)

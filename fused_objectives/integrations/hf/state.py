@@ -1,6 +1,8 @@
 """Patch state kept on a patched instance or class, and the per-thread depth of running patched forwards."""
 from __future__ import annotations
 
+import functools
+
 import threading
 from typing import Optional
 
@@ -43,8 +45,9 @@ class _PatchState:
 
     def original_for(self, model):
         """The original forward of an instance patch, bound to ``model`` when it is a class function (found
-        at call time, so a deep copy or an unpickled model runs its own)."""
-        return self.original_func.__get__(model, type(model)) if self.bind else self.original_func
+        at call time, so a deep copy or an unpickled model runs its own).  A partial rather than a bound
+        method: torch.compile would resolve ``model``'s bound ``forward`` to the patched one again."""
+        return functools.partial(self.original_func, model) if self.bind else self.original_func
 
     def __getstate__(self):
         # copies and pickles: hook handles belong to the original's modules (the copies' hooks are found by

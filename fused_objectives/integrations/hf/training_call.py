@@ -168,7 +168,13 @@ class _Call:
         expected = _apply_transform(self.stand_in.detach(), self.scale, self.softcap)
         half = self.stand_in.dtype in _HALF or logits.dtype in _HALF
         rtol, atol = (2e-2, 2e-2) if half else (1e-4, 1e-4)
-        if not torch.allclose(logits.detach().float(), expected, rtol=rtol, atol=atol, equal_nan=True):
+        if torch.compiler.is_compiling():
+            # no data-dependent Python branch in a compiled graph: the same check, asserted inside it
+            got = logits.detach().float()
+            close = ((got - expected).abs() <= atol + rtol * expected.abs()) | (got.isnan() & expected.isnan())
+            torch._assert_async(close.all(), "fused_objectives: the model's forward transforms the logits between "
+                                             "its head and its loss in a way its config does not declare")
+        elif not torch.allclose(logits.detach().float(), expected, rtol=rtol, atol=atol, equal_nan=True):
             _refuse(model, "its forward transforms the logits between its head and its loss in a way its config "
                            f"does not declare (expected logit_scale={self.scale}, softcap={self.softcap})")
         self.received = logits
@@ -287,17 +293,19 @@ def _add_trl_fields(model, call, out):
     """TRL's ``fused_lm_head=True`` protocol: SFTTrainer reduces ``-log_probs`` over ``label_mask``.
 
     ``log_probs`` holds the negated per-token objective (exactly the log-probabilities for ``nll``), so
-    TRL's loss is the objective; ``is_top1`` marks the tokens whose argmax is the target; ``entropy`` is NaN
-    (not computed without logits)."""
+    TRL's loss is the objective; ``is_top1`` marks the tokens whose argmax is the target; ``entropy`` is each
+    token's softmax entropy from the same pass (``LossStats.entropy``; 0 where the label is ignored, as TRL
+    expects)."""
     opts = call.state.options
     shape = call.target_shape
     per_tok = -call.per_token.reshape(shape)
     mask = (call.stats.kept if opts.normalize == "kept" else call.stats.valid).reshape(shape)
     hit = call.stats.hit.reshape(shape)
+    ent = call.stats.entropy.reshape(shape)
     if call.shift_labels is None:
-        per_tok, mask, hit = per_tok[..., :-1], mask[..., :-1], hit[..., :-1]
+        per_tok, mask, hit, ent = per_tok[..., :-1], mask[..., :-1], hit[..., :-1], ent[..., :-1]
     anchor = call.received if call.received is not None else per_tok
     _set_field(out, "log_probs", _tie(per_tok, anchor))
     _set_field(out, "label_mask", mask)
     _set_field(out, "is_top1", hit)
-    _set_field(out, "entropy", torch.full(per_tok.shape, float("nan"), device=per_tok.device))
+    _set_field(out, "entropy", ent)
