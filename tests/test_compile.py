@@ -190,3 +190,21 @@ def test_patched_llama_with_a_graph_break_compiles_and_equals_eager():
     eager = model(**inp).loss
     compiled = torch.compile(lambda **k: model(**k).loss)(**inp)
     torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-7)
+
+
+def test_compiled_patched_model_still_refuses_an_undeclared_logits_transform():
+    transformers = pytest.importorskip("transformers")
+    from fused_objectives.integrations.hf import patch_model
+
+    class ScaledLlama(transformers.LlamaForCausalLM):
+        def forward(self, input_ids=None, labels=None, **kwargs):
+            h = self.model(input_ids=input_ids, **kwargs).last_hidden_state
+            logits = self.lm_head(h) * 3.0  # not declared by the config
+            loss = self.loss_function(logits, labels, self.config.vocab_size) if labels is not None else None
+            return transformers.modeling_outputs.CausalLMOutputWithPast(loss=loss, logits=logits)
+
+    model = ScaledLlama(_tiny_llama().config).train()
+    patch_model(model, objective="nll")
+    torch._dynamo.reset()
+    with pytest.raises(RuntimeError, match="transforms the logits between its head and its loss"):
+        torch.compile(lambda **k: model(**k).loss, fullgraph=True)(**_llama_batch())
