@@ -131,6 +131,13 @@ class KernelEntry:
         module, attr = self.target.split(":")
         return getattr(importlib.import_module(module), attr)
 
+    def all_features(self) -> Tuple[str, ...]:
+        """``features`` plus the optional ones (``OPTIONAL``) whose constexpr this kernel version has."""
+        import inspect
+        fn = self.function()
+        params = inspect.signature(getattr(fn, "fn", fn)).parameters
+        return tuple(self.features) + tuple(k for k, c in OPTIONAL.items() if c in params and k not in self.features)
+
 
 # ------------------------------------------------------------------ the shipped kernels
 def _torch():
@@ -187,6 +194,11 @@ def _dz_configs(dtype: DType, arch: str) -> Dict[str, object]:
     return _named(configs.dz_config(), "DZ")
 
 
+def _optional(case: Case) -> dict:
+    """Constexprs of optional features, passed only where the kernel has them (see OPTIONAL)."""
+    return {OPTIONAL[k]: v for k, v in case.features.items() if k in OPTIONAL}
+
+
 def _transforms(case: Case) -> dict:
     f = case.features
     return dict(HAS_BIAS=f["bias"], HAS_SCALE=f["scale"], HAS_SOFTCAP=f["softcap"])
@@ -203,9 +215,11 @@ def _lse_fwd_launch(case: Case):
     splits = max(1, min(v_blocks, -(-configs.TARGET_PROGRAMS // n_blocks)))
     v_per_split = -(-v_blocks // splits) * cfg.block_v
     f32, i64, i32 = torch.float32, torch.int64, torch.int32
-    args = [Ptr(x), Ptr(x), Ptr(x), Ptr(i64), Ptr(i64), Ptr(i32), Ptr(f32), Ptr(f32), Ptr(i64), Ptr(f32),
-            V, H, v_per_split, H, 1, H, 1, N, 1.0, 1.0]
-    return args, dict(**_transforms(case), **_dot_args(case), **_tile_meta(cfg))
+    args = dict(x_ptr=Ptr(x), w_ptr=Ptr(x), b_ptr=Ptr(x), tgt_ptr=Ptr(i64), row_idx_ptr=Ptr(i64),
+                n_active_ptr=Ptr(i32), m_ptr=Ptr(f32), rest_ptr=Ptr(f32), amax_ptr=Ptr(i64), tlogit_ptr=Ptr(f32),
+                sent_ptr=Ptr(f32), V=V, H=H, v_per_split=v_per_split, stride_xn=H, stride_xh=1, stride_wv=H,
+                stride_wh=1, stride_part=N, logit_scale=1.0, softcap=1.0)
+    return args, dict(**_transforms(case), **_dot_args(case), **_optional(case), **_tile_meta(cfg))
 
 
 def _grad_bwd_launch(case: Case):
@@ -216,11 +230,10 @@ def _grad_bwd_launch(case: Case):
     cfg, x, f = case.config, case.torch_dtype, case.features
     f32, i64, i32 = torch.float32, torch.int64, torch.int32
     slab = V if x == f32 else min(V, max(cfg.block_v, configs.DW_SLAB_BYTES // (4 * H) // cfg.block_v * cfg.block_v))
-    args = [Ptr(x), Ptr(x), Ptr(x), Ptr(i64), Ptr(f32), Ptr(f32), Ptr(f32), Ptr(i64), Ptr(i32),
-            Ptr(f32), Ptr(f32), Ptr(f32),
-            N, V, H, 0, slab,
-            H, 1, H, 1, H, H,
-            1.0, 1.0]
+    args = dict(x_ptr=Ptr(x), w_ptr=Ptr(x), b_ptr=Ptr(x), tgt_ptr=Ptr(i64), state_ptr=Ptr(f32), omp_ptr=Ptr(f32),
+                coef_ptr=Ptr(f32), row_idx_ptr=Ptr(i64), n_active_ptr=Ptr(i32), dx_ptr=Ptr(f32), dw_ptr=Ptr(f32),
+                db_ptr=Ptr(f32), N=N, V=V, H=H, v_start=0, v_end=slab, stride_xn=H, stride_xh=1, stride_wv=H,
+                stride_wh=1, stride_dxn=H, stride_dwv=H, logit_scale=1.0, softcap=1.0)
     return args, dict(**_transforms(case), **_dot_args(case), COMPUTE_DX=f["dx"], COMPUTE_DW=f["dw"],
                       COMPUTE_DB=f["db"], **_tile_meta(cfg))
 
@@ -243,8 +256,10 @@ def _row_stats_launch(case: Case):
     torch = _torch()
     V, cfg, x, z = SHAPE["V"], case.config, case.torch_dtype, _logits_dtype(case)
     f32, i64 = torch.float32, torch.int64
-    args = [Ptr(z), Ptr(x), Ptr(i64), Ptr(f32), Ptr(f32), Ptr(i64), Ptr(f32), _chunk_rows(z), V, V, 1.0, 1.0]
-    return args, dict(**_transforms(case), BLOCK_M=cfg.block_m, BLOCK_V=cfg.block_v, num_warps=cfg.num_warps)
+    args = dict(z_ptr=Ptr(z), b_ptr=Ptr(x), tgt_ptr=Ptr(i64), m_ptr=Ptr(f32), rest_ptr=Ptr(f32), amax_ptr=Ptr(i64),
+                zt_ptr=Ptr(f32), sent_ptr=Ptr(f32), M=_chunk_rows(z), C=V, stride_zm=V, logit_scale=1.0, softcap=1.0)
+    return args, dict(**_transforms(case), **_optional(case), BLOCK_M=cfg.block_m, BLOCK_V=cfg.block_v,
+                      num_warps=cfg.num_warps)
 
 
 def _dz_launch(case: Case):
@@ -254,8 +269,9 @@ def _dz_launch(case: Case):
     torch = _torch()
     V, cfg, x, z = SHAPE["V"], case.config, case.torch_dtype, _logits_dtype(case)
     f32, i64 = torch.float32, torch.int64
-    args = [Ptr(z), Ptr(x), Ptr(x), Ptr(i64), Ptr(f32), Ptr(f32), Ptr(f32), Ptr(f32), _chunk_rows(z), V, 0, V, V,
-            1.0, 1.0]
+    args = dict(z_ptr=Ptr(z), dz_ptr=Ptr(x), b_ptr=Ptr(x), tgt_ptr=Ptr(i64), m_ptr=Ptr(f32), log_norm_ptr=Ptr(f32),
+                omp_ptr=Ptr(f32), coef_ptr=Ptr(f32), M=_chunk_rows(z), C=V, col0=0, stride_zm=V, stride_dzm=V,
+                logit_scale=1.0, softcap=1.0)
     return args, dict(**_transforms(case), BLOCK_M=cfg.block_m, BLOCK_V=cfg.block_v, num_warps=cfg.num_warps)
 
 
@@ -265,6 +281,8 @@ def _grad_valid(f: Dict[str, bool]) -> bool:
 
 
 TRANSFORMS = ("bias", "scale", "softcap")
+# Features some kernel versions have: feature -> constexpr (compiled when the kernel has that parameter)
+OPTIONAL = {"entropy": "ENTROPY"}
 GRAD_SWITCHES = ("dx", "dw", "db")  # the backward's outputs (subset "full" samples their combinations)
 ROW_FEATURES = TRANSFORMS + ("fp32_logits",)
 # Row kernels have no tl.dot: the TF32 setting cannot change them, one fp32 entry covers both.
@@ -272,12 +290,13 @@ NO_DOT_DTYPES = ("bf16", "fp16", "fp32-ieee")
 
 KERNELS: List[KernelEntry] = [
     KernelEntry("lse_fwd_kernel", "fused_objectives.kernels.forward:lse_fwd_kernel", _fwd_configs,
-                TRANSFORMS, _lse_fwd_launch),
+                TRANSFORMS, _lse_fwd_launch, smoke=({}, dict(entropy=True))),
     KernelEntry("grad_bwd_kernel", "fused_objectives.kernels.backward:grad_bwd_kernel", _bwd_configs,
                 TRANSFORMS + ("dx", "dw", "db"), _grad_bwd_launch, _grad_valid,
                 smoke=(dict(dx=True, dw=True),)),
     KernelEntry("row_stats_kernel", "fused_objectives.kernels.rows:row_stats_kernel", _rows_configs,
-                ROW_FEATURES, _row_stats_launch, dtypes=NO_DOT_DTYPES, smoke=({}, dict(fp32_logits=True))),
+                ROW_FEATURES, _row_stats_launch, dtypes=NO_DOT_DTYPES,
+                smoke=({}, dict(fp32_logits=True), dict(entropy=True))),
     KernelEntry("dz_kernel", "fused_objectives.kernels.rows:dz_kernel", _dz_configs,
                 ROW_FEATURES, _dz_launch, dtypes=NO_DOT_DTYPES, smoke=({}, dict(fp32_logits=True))),
 ]
@@ -429,7 +448,13 @@ def compile_case(entry: KernelEntry, arch: str, case: Case) -> dict:
                                "unset TRITON_INTERPRET")
         target = GPUTarget("cuda", info["capability"], 32)
         backend = make_backend(target)
-        args, kw = entry.launch(case)
+        named, kw = entry.launch(case)
+        names = [p.name for p in fn.params]
+        missing = [n for n in names if n not in named and n not in kw]
+        if missing:
+            raise RuntimeError(f"benchmarks/kernel_report.py's entry for {entry.name} is out of date: the kernel "
+                               f"has parameters {missing} the entry gives no value for")
+        args = [named[n] for n in names if n not in kw]
         binder = create_function_from_signature(fn.signature, fn.params, backend)
         bound, specialization, options = binder(*args, **kw)
         options, signature, constexprs, attrs = fn._pack_args(backend, kw, bound, specialization, options)
@@ -479,9 +504,12 @@ def feature_sets(entry: KernelEntry, subset: str) -> List[Dict[str, bool]]:
       switches with the others all off and all on (backward: 16 instead of 40 per dtype and arch);
     - ``smoke``: the entry's ``smoke`` sets (default: everything off), the test's subset.
     """
-    names = entry.features
+    names = entry.all_features()
     if subset == "smoke":
-        return [{**{k: False for k in names}, **s} for s in (entry.smoke or ({},))]
+        # optional features the kernel lacks drop out of the smoke sets
+        sets = [{**{k: False for k in names}, **{k: v for k, v in s.items() if k in names}}
+                for s in (entry.smoke or ({},))]
+        return [f for i, f in enumerate(sets) if f not in sets[:i]]
     combos = [dict(zip(names, bits)) for bits in itertools.product((False, True), repeat=len(names))]
     combos = [f for f in combos if entry.valid(f)]
     grads = [k for k in names if k in GRAD_SWITCHES]

@@ -23,10 +23,16 @@ kr = importlib.util.module_from_spec(_spec)
 sys.modules.setdefault("kernel_report", kr)  # its dataclasses look their module up
 _spec.loader.exec_module(kr)
 
-# (kernel, arch, dtype) -> why it fails today and what fixes it (strict xfails: a fix turns them red
+# (kernel, arch, dtype[, features]) -> why it fails today and what fixes it (strict xfails: a fix turns them red
 # until the entry goes).  Empty since a0114f6 (per-arch configs); before it, the sm_80 backward spilled
 # (bf16 720 B, fp32-tf32 368 B with Triton 3.9) and needed 180,224 B of shared memory for TF32 with 3.6.
-KNOWN_FAILING = {}
+KNOWN_FAILING = {
+    # CUDA's entropy option of the fused forward (uncommitted at 11:40, kernel_report on the working tree):
+    # the extra running sum spills with FORWARD_HALF / FORWARD_TF32_SM80 (128x128, 8 warps, 3 stages)
+    ("lse_fwd_kernel", "sm_80", "bf16", "entropy"): "ENTROPY forward spills 712 B on sm_80 (FORWARD_HALF)",
+    ("lse_fwd_kernel", "sm_90a", "bf16", "entropy"): "ENTROPY forward spills 24 B on sm_90a (FORWARD_HALF)",
+    ("lse_fwd_kernel", "sm_80", "fp32-tf32", "entropy"): "ENTROPY forward spills 712 B on sm_80 (FORWARD_TF32_SM80)",
+}
 
 triton_cuda = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton")
 
@@ -54,7 +60,7 @@ def report(tmp_path_factory):
 
 def _param(key):
     marks = []
-    why = KNOWN_FAILING.get(key[:3])
+    why = KNOWN_FAILING.get(key) or KNOWN_FAILING.get(key[:3])
     if why:
         marks.append(pytest.mark.xfail(reason=why, strict=True))
     return pytest.param(key, id="-".join(key), marks=marks)
