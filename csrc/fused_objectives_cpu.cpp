@@ -143,6 +143,9 @@ struct FwdState {
   // raw target logits computed apart in fp32 (per active row), or nullptr: with half-precision
   // GEMMs they replace the target's rounded logit (see lse_forward)
   const float* traw;
+  // per active row, or nullptr when not asked: sum of exp(z - m) * (z - m) over the row (the
+  // argmax's own term is exactly 0), rescaled with m like `rest`; gives the softmax entropy
+  float* sent = nullptr;
 };
 
 // sum over j in [0, n) of exp(z[j] - shift), in a fixed vector-lane order (independent of threads)
@@ -150,6 +153,19 @@ inline float sum_exp(const float* z, int64_t n, float shift) {
   float s = 0.0f;
 #pragma omp simd reduction(+ : s)
   for (int64_t j = 0; j < n; ++j) s += fast_exp(z[j] - shift);
+  return s;
+}
+
+// sum over j of exp(z[j] - shift) * (z[j] - shift); a column whose term underflows to 0 (also
+// z = -inf) adds exactly 0
+inline float sum_exp_shifted(const float* z, int64_t n, float shift) {
+  float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < n; ++j) {
+    const float d = z[j] - shift;
+    const float e = fast_exp(d);
+    s += e > 0.0f ? e * d : 0.0f;
+  }
   return s;
 }
 
@@ -226,6 +242,13 @@ void forward_epilogue(const T* z, int64_t rows, int64_t cols, int64_t row0, int6
       // the new argmax's term (exactly 1) stays out of the sum
       const float tsum = a >= 0 ? sum_exp(zr, a, shift) + sum_exp(zr + a + 1, cols - a - 1, shift)
                                 : sum_exp(zr, cols, shift);
+      if (st.sent != nullptr) {
+        const float ssum = sum_exp_shifted(zr, cols, shift);
+        // rescaled to the new max: exp(dm) * (S + dm * (rest + 1)), dm = m_old - m_new <= 0
+        const float dm = m_old - m_new;
+        st.sent[i] = (new_max ? (m_old == kNegInf ? 0.0f : std::exp(dm) * (st.sent[i] + dm * (st.rest[i] + 1.0f)))
+                              : st.sent[i]) + ssum;
+      }
       if (new_max) {
         st.rest[i] = (m_old == kNegInf ? 0.0f : (st.rest[i] + 1.0f) * std::exp(m_old - m_new)) + tsum;
         st.amax[i] = v0 + a;
@@ -421,12 +444,16 @@ at::Tensor target_dots(const at::Tensor& hidden, const at::Tensor& weight, const
   return out;
 }
 
-// (logp [N], state [3, N] = (row max, log-normaliser, logp), argmax [N]); rows that are not valid
-// hold zeros; a valid token whose target is outside [0, V) gets a NaN logp.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_forward(
+using Stats4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// (logp [N], state [3, N] = (row max, log-normaliser, logp), argmax [N], entropy); rows that are not
+// valid hold zeros; a valid token whose target is outside [0, V) gets a NaN logp.  `entropy`: the
+// softmax entropy [N] of the transformed logits when `with_entropy`, else an empty tensor (one more
+// exp per logit in the epilogue, paid only when asked).
+Stats4 lse_forward_impl(
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& target, const at::Tensor& valid, std::optional<double> logit_scale,
-    std::optional<double> softcap, int64_t chunk_rows, int64_t chunk_cols, bool half_gemm) {
+    std::optional<double> softcap, int64_t chunk_rows, int64_t chunk_cols, bool half_gemm, bool with_entropy) {
   check_common(hidden, weight, bias, target, chunk_rows, chunk_cols);
   TORCH_CHECK(valid.dim() == 1 && valid.size(0) == hidden.size(0) && valid.scalar_type() == at::kBool,
               "valid must be bool [N]");
@@ -439,7 +466,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_forward(
   const bool identity = Na == N;
   at::Tensor state = at::zeros({3, identity ? 0 : N}, f32);
   at::Tensor amax = at::zeros({identity ? 0 : N}, hidden.options().dtype(at::kLong));
-  if (Na == 0) return {state[2].clone(), state, amax};
+  at::Tensor ent_all = at::zeros({with_entropy && !identity ? N : 0}, f32);
+  if (Na == 0) return {state[2].clone(), state, amax, ent_all};
 
   at::Tensor tgt = identity ? target.contiguous() : target.index_select(0, idx);
   at::Tensor m = at::full({Na}, kNegInf, f32);
@@ -458,6 +486,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_forward(
   if (cdt != at::kFloat) traw = target_dots(hidden, weight, identity ? at::empty({0}, tgt.options()) : idx, tgt);
   FwdState st{m.data_ptr<float>(), rest.data_ptr<float>(), am.data_ptr<int64_t>(), tl.data_ptr<float>(),
               tgt.data_ptr<int64_t>(), traw.defined() ? traw.data_ptr<float>() : nullptr};
+  at::Tensor sent = at::zeros({with_entropy ? Na : 0}, f32);
+  if (with_entropy) st.sent = sent.data_ptr<float>();
   for (int64_t v0 = 0; v0 < V; v0 += C) {
     const int64_t cols = std::min(C, V - v0);
     at::Tensor w = vocab_chunk(weight, v0, cols, wbuf);
@@ -478,10 +508,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_forward(
   at::Tensor log_norm = rest.log1p();
   at::Tensor logp = (tl - m) - log_norm;
   at::Tensor state_a = at::stack({m, log_norm, logp});
-  if (identity) return {logp, state_a, am};
+  // H = log_norm - E_p[z - m] = log_norm - S / sum_j exp(z_j - m)
+  at::Tensor ent = with_entropy ? log_norm - sent / (rest + 1.0) : sent;
+  if (identity) return {logp, state_a, am, ent};
   state.index_copy_(1, idx, state_a);
   amax.index_copy_(0, idx, am);
-  return {state[2].clone(), state, amax};
+  if (with_entropy) ent_all.index_copy_(0, idx, ent);
+  return {state[2].clone(), state, amax, ent_all};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_forward(
+    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& target, const at::Tensor& valid, std::optional<double> logit_scale,
+    std::optional<double> softcap, int64_t chunk_rows, int64_t chunk_cols, bool half_gemm) {
+  auto r = lse_forward_impl(hidden, weight, bias, target, valid, logit_scale, softcap, chunk_rows, chunk_cols,
+                            half_gemm, false);
+  return {std::get<0>(r), std::get<1>(r), std::get<2>(r)};
+}
+
+Stats4 lse_forward_entropy(
+    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& target, const at::Tensor& valid, std::optional<double> logit_scale,
+    std::optional<double> softcap, int64_t chunk_rows, int64_t chunk_cols, bool half_gemm) {
+  return lse_forward_impl(hidden, weight, bias, target, valid, logit_scale, softcap, chunk_rows, chunk_cols,
+                          half_gemm, true);
 }
 
 using OptTensor = std::optional<at::Tensor>;
@@ -616,10 +666,10 @@ at::Tensor target_logits(const at::Tensor& hidden, const at::Tensor& weight, con
 // Statistics of full logits rows: (logp [rows], state [3, rows] = (max, log-normaliser, logp),
 // argmax [rows]), exactly as lse_forward computes them for a vocabulary in one chunk.
 // `target_raw` (fp32 [rows], optional): the target's raw logits computed apart (target_logits).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> chunk_stats(const at::Tensor& z, const std::optional<at::Tensor>& bias,
-                                                           const at::Tensor& target, std::optional<double> logit_scale,
-                                                           std::optional<double> softcap,
-                                                           const std::optional<at::Tensor>& target_raw) {
+// `chunk_stats_entropy` adds the rows' softmax entropy [rows] (see lse_forward_impl).
+Stats4 chunk_stats_impl(const at::Tensor& z, const std::optional<at::Tensor>& bias, const at::Tensor& target,
+                        std::optional<double> logit_scale, std::optional<double> softcap,
+                        const std::optional<at::Tensor>& target_raw, bool with_entropy) {
   check_tile(z, bias, target);
   check_target_raw(target_raw, z.size(0));
   const int64_t rows = z.size(0), V = z.size(1);
@@ -633,6 +683,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> chunk_stats(const at::Tensor& z, 
   const Transform tr = make_transform(bias_f, logit_scale, softcap);
   FwdState st{m.data_ptr<float>(), rest.data_ptr<float>(), am.data_ptr<int64_t>(), tl.data_ptr<float>(),
               target.data_ptr<int64_t>(), target_raw.has_value() ? target_raw->data_ptr<float>() : nullptr};
+  at::Tensor sent = at::zeros({with_entropy ? rows : 0}, f32);
+  if (with_entropy) st.sent = sent.data_ptr<float>();
   if (rows > 0 && V > 0) {
     dispatch_dtype(z.scalar_type(), [&](auto tz) {
       using T = decltype(tz);
@@ -644,7 +696,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> chunk_stats(const at::Tensor& z, 
   }
   at::Tensor log_norm = rest.log1p();
   at::Tensor logp = (tl - m) - log_norm;
-  return {logp, at::stack({m, log_norm, logp}), am};
+  at::Tensor ent = with_entropy ? log_norm - sent / (rest + 1.0) : sent;
+  return {logp, at::stack({m, log_norm, logp}), am, ent};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> chunk_stats(const at::Tensor& z, const std::optional<at::Tensor>& bias,
+                                                           const at::Tensor& target, std::optional<double> logit_scale,
+                                                           std::optional<double> softcap,
+                                                           const std::optional<at::Tensor>& target_raw) {
+  auto r = chunk_stats_impl(z, bias, target, logit_scale, softcap, target_raw, false);
+  return {std::get<0>(r), std::get<1>(r), std::get<2>(r)};
+}
+
+Stats4 chunk_stats_entropy(const at::Tensor& z, const std::optional<at::Tensor>& bias, const at::Tensor& target,
+                           std::optional<double> logit_scale, std::optional<double> softcap,
+                           const std::optional<at::Tensor>& target_raw) {
+  return chunk_stats_impl(z, bias, target, logit_scale, softcap, target_raw, true);
 }
 
 // In place: the raw logits tile z becomes dz = coef * (onehot - softmax) * d(transform), in z's dtype.
@@ -689,6 +756,12 @@ TORCH_LIBRARY(fused_objectives, m) {
   m.def("chunk_grad_(Tensor(a!) z, Tensor? bias, Tensor target, Tensor state, Tensor coef, float? logit_scale, "
         "float? softcap, Tensor? target_raw=None) -> ()");
   m.def("target_logits(Tensor hidden, Tensor weight, Tensor target) -> Tensor");
+  // the same with the rows' softmax entropy (LossStats.entropy), computed only when asked
+  m.def("lse_forward_entropy(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, Tensor valid, "
+        "float? logit_scale, float? softcap, int chunk_rows, int chunk_cols, bool half_gemm=False) "
+        "-> (Tensor logp, Tensor state, Tensor argmax, Tensor entropy)");
+  m.def("chunk_stats_entropy(Tensor z, Tensor? bias, Tensor target, float? logit_scale, float? softcap, "
+        "Tensor? target_raw=None) -> (Tensor logp, Tensor state, Tensor argmax, Tensor entropy)");
 }
 
 TORCH_LIBRARY_IMPL(fused_objectives, CPU, m) {
@@ -697,4 +770,6 @@ TORCH_LIBRARY_IMPL(fused_objectives, CPU, m) {
   m.impl("chunk_stats", &fused_objectives_cpu::chunk_stats);
   m.impl("chunk_grad_", &fused_objectives_cpu::chunk_grad_);
   m.impl("target_logits", &fused_objectives_cpu::target_logits);
+  m.impl("lse_forward_entropy", &fused_objectives_cpu::lse_forward_entropy);
+  m.impl("chunk_stats_entropy", &fused_objectives_cpu::chunk_stats_entropy);
 }

@@ -64,52 +64,69 @@ def _differentiable_grads(hidden, weight, bias, target, valid, coef, opts, needs
 
 
 class TargetLogprobFunction(torch.autograd.Function):
+    """``(logp, hit)``; with ``row_stats=True`` also ``(argmax [N], rows [2, N] = (lse, entropy))``
+    from the backend's same forward pass (rows of invalid tokens unspecified)."""
+
     @staticmethod
-    def forward(ctx, hidden, weight, bias, target, valid, opts: LogitOptions, backend):
-        logp, state, argmax = backend.forward(hidden, weight, bias, target, valid, opts)
+    def forward(ctx, hidden, weight, bias, target, valid, opts: LogitOptions, backend, row_stats=False):
+        if row_stats:
+            logp, state, argmax, rows = backend.forward(hidden, weight, bias, target, valid, opts, row_stats=True)
+        else:
+            logp, state, argmax = backend.forward(hidden, weight, bias, target, valid, opts)
         logp = torch.where(valid, logp, torch.zeros_like(logp))
         hit = valid & (argmax == target)
         ctx.save_for_backward(hidden, weight, bias, target, valid, state)
         ctx.opts, ctx.backend = opts, backend
+        if row_stats:
+            ctx.mark_non_differentiable(hit, argmax, rows)
+            return logp, hit, argmax, rows
         ctx.mark_non_differentiable(hit)
         return logp, hit
 
     @staticmethod
-    def backward(ctx, grad_logp, _grad_hit):
+    def backward(ctx, grad_logp, _grad_hit, *_grad_rows):
         hidden, weight, bias, target, valid, state = ctx.saved_tensors
         needs = tuple(ctx.needs_input_grad[:3])
         if grad_logp is None or not any(needs):
-            return None, None, None, None, None, None, None
+            return None, None, None, None, None, None, None, None
         coef = torch.where(valid, grad_logp.float(), torch.zeros_like(grad_logp, dtype=torch.float32))
         if torch.is_grad_enabled():
             # create_graph=True: the fused kernels' gradient is not itself differentiable
             dx, dw, db = _differentiable_grads(hidden, weight, bias, target, valid, coef, ctx.opts, needs)
         else:
             dx, dw, db = ctx.backend.backward(hidden, weight, bias, target, state, coef.contiguous(), ctx.opts, needs)
-        return dx, dw, db, None, None, None, None
+        return dx, dw, db, None, None, None, None, None
 
 
 class ObjectiveSumFunction(torch.autograd.Function):
     """Summed objective with its gradients computed during the forward (backends that offer
     ``forward_with_grad``): used for scalar reductions only, where the upstream gradient is one
-    number that the backward multiplies in.  Returns ``(total, logp, kept, hit)``; only ``total``
-    is differentiable, and only once (see the module docstring)."""
+    number that the backward multiplies in.  Returns ``(total, logp, kept, hit)``, and with
+    ``row_stats=True`` also ``(argmax, rows [2, N] = (lse, entropy))``; only ``total`` is
+    differentiable, and only once (see the module docstring)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, target, valid, opts: LogitOptions, backend, coef_fn):
+    def forward(ctx, hidden, weight, bias, target, valid, opts: LogitOptions, backend, coef_fn, row_stats=False):
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
-        total, logp, kept, argmax, dx, dw, db = backend.forward_with_grad(
-            hidden, weight, bias, target, valid, opts, coef_fn, needs)
+        if row_stats:
+            total, logp, kept, argmax, dx, dw, db, rows = backend.forward_with_grad(
+                hidden, weight, bias, target, valid, opts, coef_fn, needs, row_stats=True)
+        else:
+            total, logp, kept, argmax, dx, dw, db = backend.forward_with_grad(
+                hidden, weight, bias, target, valid, opts, coef_fn, needs)
         hit = valid & (argmax == target)
         ctx.save_for_backward(dx, dw, db)
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.backend_name = _backend_name(backend)
         ctx.consumed = False
+        if row_stats:
+            ctx.mark_non_differentiable(logp, kept, hit, argmax, rows)
+            return total, logp, kept, hit, argmax, rows
         ctx.mark_non_differentiable(logp, kept, hit)
         return total, logp, kept, hit
 
     @staticmethod
-    def backward(ctx, grad_total, _g_logp, _g_kept, _g_hit):
+    def backward(ctx, grad_total, _g_logp, _g_kept, _g_hit, *_g_rows):
         if torch.is_grad_enabled():
             raise RuntimeError(
                 f"double backward (create_graph=True, e.g. a gradient penalty) is not supported by "
@@ -129,4 +146,4 @@ class ObjectiveSumFunction(torch.autograd.Function):
         for g, dtype in zip(ctx.saved_tensors, ctx.dtypes):
             # in place: a gradient-sized copy here would be the largest extra buffer of the step
             grads.append(None if g is None else g.mul_(grad_total).to(dtype))
-        return (*grads, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None)

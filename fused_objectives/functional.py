@@ -33,7 +33,11 @@ class LossStats:
     ``logp``: detached target log-probabilities shaped like ``target`` (0 at invalid positions);
     ``valid`` / ``kept``: bool masks; ``hit``: bool mask of valid tokens whose argmax is the target; ``n_valid`` / ``n_kept``: int64 counts; ``accuracy``: share of
     valid tokens whose argmax logit is the target (0 when none is valid); ``mean_p``: mean target
-    probability over valid tokens.  Also readable as a mapping: ``stats["accuracy"]``.
+    probability over valid tokens.  Row statistics of the final logits ``z`` (after ``logit_scale``
+    and ``softcap``), from the same pass (no ``[N, V]`` tensor), shaped like ``target``:
+    ``lse``: ``logsumexp(z)`` (0 at invalid positions); ``entropy``: the softmax entropy
+    ``-sum_j p_j log p_j`` (0 at invalid positions); ``predicted``: the argmax id (first index of a
+    tie; ``ignore_index`` at invalid positions).  Also readable as a mapping: ``stats["accuracy"]``.
     """
 
     logp: torch.Tensor
@@ -44,6 +48,9 @@ class LossStats:
     n_kept: torch.Tensor
     accuracy: torch.Tensor
     mean_p: torch.Tensor
+    lse: torch.Tensor
+    entropy: torch.Tensor
+    predicted: torch.Tensor
 
     def __getitem__(self, key: str) -> torch.Tensor:
         if key not in self.keys():
@@ -193,9 +200,12 @@ def _grad_in_forward(impl, dtype) -> bool:
     return True if choose is None else bool(choose(dtype))
 
 
-def _logprob(h2, weight, bias, t1, valid, opts, impl):
+def _logprob(h2, weight, bias, t1, valid, opts, impl, row_stats=False):
+    """``(logp, hit)``, plus ``(argmax, rows [2, N] = (lse, entropy))`` with ``row_stats``."""
     if impl == REFERENCE:
-        return reference.target_logprob(h2, weight, bias, t1, valid, opts)
+        return reference.target_logprob(h2, weight, bias, t1, valid, opts, row_stats=row_stats)
+    if row_stats:
+        return TargetLogprobFunction.apply(h2, weight, bias, t1, valid, opts, impl, True)
     return TargetLogprobFunction.apply(h2, weight, bias, t1, valid, opts, impl)
 
 
@@ -346,12 +356,19 @@ def linear_objective_loss(
     if (reduction != "none" and wants_grad and _grad_in_forward(impl, hidden.dtype)
             and not torch.compiler.is_compiling()):
         # a scalar loss: the backend computes the gradients while the logits are at hand
-        total, logp, kept, hit = ObjectiveSumFunction.apply(h2, weight, bias, t1, valid, opts, impl,
-                                                            objective_coefficients(obj))
+        if return_stats:
+            total, logp, kept, hit, argmax, rows = ObjectiveSumFunction.apply(
+                h2, weight, bias, t1, valid, opts, impl, objective_coefficients(obj), True)
+        else:
+            total, logp, kept, hit = ObjectiveSumFunction.apply(h2, weight, bias, t1, valid, opts, impl,
+                                                                objective_coefficients(obj))
         term = _parameter_term(obj, logp, valid)
         total = total if term is None else total + term.to(total.dtype)
     else:
-        logp, hit = _logprob(h2, weight, bias, t1, valid, opts, impl)
+        if return_stats:
+            logp, hit, argmax, rows = _logprob(h2, weight, bias, t1, valid, opts, impl, row_stats=True)
+        else:
+            logp, hit = _logprob(h2, weight, bias, t1, valid, opts, impl)
         per_tok, kept = obj.per_token(logp, valid)
         total = per_tok.sum()
 
@@ -370,6 +387,7 @@ def linear_objective_loss(
     n_kept = kept.sum()
     safe_n = n_valid.clamp(min=1).to(torch.float32)
     lp = logp.detach()
+    rows = torch.where(valid[None, :], rows.detach(), torch.zeros((), dtype=rows.dtype, device=rows.device))
     stats = LossStats(
         logp=lp.reshape(shape),
         valid=valid.reshape(shape),
@@ -379,5 +397,8 @@ def linear_objective_loss(
         n_kept=n_kept,
         accuracy=hit.sum().to(torch.float32) / safe_n,
         mean_p=torch.where(valid, lp.exp(), torch.zeros_like(lp)).sum().to(torch.float32) / safe_n,
+        lse=rows[0].reshape(shape),
+        entropy=rows[1].reshape(shape),
+        predicted=torch.where(valid, argmax, torch.full_like(argmax, ignore_index)).reshape(shape),
     )
     return loss, stats

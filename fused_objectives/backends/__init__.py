@@ -23,6 +23,17 @@ Optionally, for losses reduced to a scalar (gradients computed while the logits 
   ``dtype`` (absent: always); e.g. ``triton`` declines fp16, whose per-token path is cheaper.
 - ``name``: the backend's name, used in error messages (e.g. the double-backward refusal).
 
+Row statistics (``return_stats=True``: ``LossStats.lse`` / ``entropy`` / ``predicted``): ``forward``
+and ``forward_with_grad`` take a keyword ``row_stats: bool = False``; when True they return one more
+value, ``rows [2, N] f32 = (logsumexp, softmax entropy)`` of each token's final logits (after scale
+and soft-cap), from the same pass (rows where ``valid`` is False may hold anything; the argmax is
+the one already returned).  With ``m`` the row max the entropy is
+``log(sum_j e^(z_j - m)) - sum_j e^(z_j - m) (z_j - m) / sum_j e^(z_j - m)``: one more per-row
+accumulator, rescaled like the sum-exp when the max grows (``S -> e^dm (S + dm * sumexp)``), whose
+argmax term is exactly 0.  It costs an exp-weighted sum per logit, so the default call
+(``row_stats=False``) must not compute it.  A backend without the keyword fails only
+``return_stats=True`` calls.
+
 The autograd layer (``fused_objectives/autograd.py``) is the only caller.
 """
 from __future__ import annotations

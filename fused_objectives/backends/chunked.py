@@ -36,9 +36,12 @@ def forward_with_grad(
     needs: Tuple[bool, bool, bool],
     budget_bytes: int,
     half_gemm: bool = False,
+    row_stats: bool = False,
 ):
     """``(total, logp, kept, argmax, dx, dw, db)``: the summed objective, per-token statistics, and
-    the gradients of ``total`` (None where not needed; fp32, or for dX / dW the GEMM dtype).
+    the gradients of ``total`` (None where not needed; fp32, or for dX / dW the GEMM dtype).  With
+    ``row_stats``, an eighth value: ``[2, N]`` fp32 rows ``(logsumexp, softmax entropy)`` of each
+    token's logits (0 at ignored tokens), from the same epilogue (``chunk_stats_entropy``).
     Host-side loop over token chunks: meant for CPU tensors, where reading the number of valid
     tokens is free.
 
@@ -52,10 +55,11 @@ def forward_with_grad(
     # no autocast: the GEMM dtype is chosen here (Trainer's bf16 runs under autocast)
     with torch.autocast(hidden.device.type, enabled=False):
         return _forward_with_grad(hidden, weight, bias, target, valid, opts, coef_fn, needs, budget_bytes,
-                                  half_gemm)
+                                  half_gemm, row_stats)
 
 
-def _forward_with_grad(hidden, weight, bias, target, valid, opts, coef_fn, needs, budget_bytes, half_gemm):
+def _forward_with_grad(hidden, weight, bias, target, valid, opts, coef_fn, needs, budget_bytes, half_gemm,
+                       row_stats=False):
     ops = torch.ops.fused_objectives
     need_dx, need_dw, need_db = needs
     N, H = hidden.shape
@@ -75,6 +79,7 @@ def _forward_with_grad(hidden, weight, bias, target, valid, opts, coef_fn, needs
     logp = torch.zeros(N, dtype=f32, device=dev)
     kept = torch.zeros(N, dtype=torch.bool, device=dev)
     argmax = torch.zeros(N, dtype=torch.int64, device=dev)
+    rows_out = torch.zeros(2, N, dtype=f32, device=dev) if row_stats else None
     # each token's dX row comes from one GEMM: kept in the GEMM dtype; dW sums over token chunks in
     # fp32 unless there is only one (then the GEMM's own output, accumulated in fp32 inside)
     dx = torch.zeros(N, H, dtype=cdt, device=dev) if need_dx else None
@@ -86,7 +91,7 @@ def _forward_with_grad(hidden, weight, bias, target, valid, opts, coef_fn, needs
     if n_act == 0:
         if need_dw and dw is None:
             dw = torch.zeros(V, H, dtype=cdt, device=dev)
-        return total, logp, kept, argmax, dx, dw, db
+        return (total, logp, kept, argmax, dx, dw, db) + ((rows_out,) if row_stats else ())
 
     # one converted weight copy (gradient-sized) when the weight is not in the GEMM dtype
     wc = weight if weight.dtype == cdt else weight.to(cdt)
@@ -112,16 +117,24 @@ def _forward_with_grad(hidden, weight, bias, target, valid, opts, coef_fn, needs
         z = torch.mm(x, wc.T, out=buf[:n])
         # bf16 rounds the tile's logits; the target's, which decides log p, is taken in fp32 apart
         traw = ops.target_logits(x, wc, t) if half else None
-        lp, state, am = ops.chunk_stats(z, b32, t, scale, softcap, traw)
+        if row_stats:
+            lp, state, am, ent = ops.chunk_stats_entropy(z, b32, t, scale, softcap, traw)
+            rs = torch.stack([state[0] + state[1], ent])
+        else:
+            lp, state, am = ops.chunk_stats(z, b32, t, scale, softcap, traw)
         tot, kp, c = coef_fn(lp, torch.ones_like(lp, dtype=torch.bool))
         if ii is None:
             logp[start:start + n] = lp
             kept[start:start + n] = kp
             argmax[start:start + n] = am
+            if row_stats:
+                rows_out[:, start:start + n] = rs
         else:
             logp.index_copy_(0, ii, lp)
             kept.index_copy_(0, ii, kp)
             argmax.index_copy_(0, ii, am)
+            if row_stats:
+                rows_out.index_copy_(1, ii, rs)
         total += tot
         if not (need_dx or need_dw or need_db):
             continue
@@ -145,4 +158,4 @@ def _forward_with_grad(hidden, weight, bias, target, valid, opts, coef_fn, needs
             db.add_(z.sum(dim=0))  # fp32 inside; half-precision: one rounding per chunk (a dtype= would copy z)
     if half and dw is not None and dw.dtype != cdt:
         dw = dw.to(cdt)
-    return total, logp, kept, argmax, dx, dw, db
+    return (total, logp, kept, argmax, dx, dw, db) + ((rows_out,) if row_stats else ())

@@ -264,6 +264,18 @@ def _register_fakes() -> None:
     def _target_logits_fake(hidden, weight, target):
         return hidden.new_empty((hidden.shape[0],), dtype=torch.float32)
 
+    @torch.library.register_fake("fused_objectives::lse_forward_entropy")
+    def _lse_forward_entropy_fake(hidden, weight, bias, target, valid, logit_scale, softcap, chunk_rows,
+                                  chunk_cols, half_gemm=False):
+        n = hidden.shape[0]
+        return _lse_forward_fake(hidden, weight, bias, target, valid, logit_scale, softcap, chunk_rows,
+                                 chunk_cols, half_gemm) + (hidden.new_empty((n,), dtype=torch.float32),)
+
+    @torch.library.register_fake("fused_objectives::chunk_stats_entropy")
+    def _chunk_stats_entropy_fake(z, bias, target, logit_scale, softcap, target_raw=None):
+        return _chunk_stats_fake(z, bias, target, logit_scale, softcap, target_raw) + (
+            z.new_empty((z.shape[0],), dtype=torch.float32),)
+
 
 _FAKES_DONE = False
 
@@ -392,8 +404,13 @@ class CPUBackend:
         return plan_chunks(n, weight.shape[0], h, hidden.dtype == torch.float32, weight.dtype == torch.float32,
                            self.budget_bytes, self.tile_bytes)
 
-    def forward(self, hidden, weight, bias, target, valid, opts: LogitOptions):
+    def forward(self, hidden, weight, bias, target, valid, opts: LogitOptions, row_stats: bool = False):
         rows, cols = self._plan(hidden, weight)
+        if row_stats:  # the entropy accumulator runs only when asked (one more exp per logit)
+            logp, state, argmax, ent = torch.ops.fused_objectives.lse_forward_entropy(
+                hidden, weight, bias, target, valid, opts.logit_scale, opts.softcap, rows, cols,
+                self._half(hidden, weight))
+            return logp, state, argmax, torch.stack([state[0] + state[1], ent])
         return torch.ops.fused_objectives.lse_forward(hidden, weight, bias, target, valid, opts.logit_scale,
                                                       opts.softcap, rows, cols, self._half(hidden, weight))
 
@@ -410,10 +427,11 @@ class CPUBackend:
         return hidden.dtype == weight.dtype and half_gemm(hidden.dtype)
 
 
-    def forward_with_grad(self, hidden, weight, bias, target, valid, opts: LogitOptions, coef_fn, needs):
+    def forward_with_grad(self, hidden, weight, bias, target, valid, opts: LogitOptions, coef_fn, needs,
+                          row_stats: bool = False):
         """Scalar losses: gradients computed in the forward, 3 GEMMs instead of 4 (see chunked.py)."""
         return chunked.forward_with_grad(hidden, weight, bias, target, valid, opts, coef_fn, needs,
-                                         self.budget_bytes, self._half(hidden, weight))
+                                         self.budget_bytes, self._half(hidden, weight), row_stats)
 
 
 def ensure_built() -> None:

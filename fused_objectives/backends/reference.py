@@ -58,10 +58,13 @@ def target_logprob(
     target: torch.Tensor,
     valid: torch.Tensor,
     opts: LogitOptions,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+    row_stats: bool = False,
+) -> Tuple[torch.Tensor, ...]:
     """``(logp [N], argmax_hit [N])`` for 2-D ``hidden``; 0 / False at invalid tokens.
 
     Equals ``torch.log_softmax(logits, -1).gather(-1, target[:, None])[:, 0]`` on valid tokens.
+    With ``row_stats``, also ``(argmax [N], rows [2, N] = (logsumexp, softmax entropy))`` of the
+    logits, detached (invalid tokens: those of a zeroed hidden state).
     """
     # ignored rows do not enter the computation (as in the fused kernels): a NaN there stays there
     hidden = torch.where(valid[:, None], hidden, torch.zeros((), dtype=hidden.dtype, device=hidden.device))
@@ -70,4 +73,13 @@ def target_logprob(
     logp = torch.log_softmax(z, dim=-1).gather(1, safe_t[:, None])[:, 0]
     logp = torch.where(valid, logp, torch.zeros_like(logp))
     hit = valid & (z.detach().argmax(dim=-1) == target) if z.shape[0] else valid.clone()
-    return logp, hit
+    if not row_stats:
+        return logp, hit
+    zd = z.detach()
+    lse = torch.logsumexp(zd, dim=-1)
+    ls = zd - lse[:, None]
+    p = ls.exp()
+    # -sum p log p, a zero probability (e.g. a -inf logit) adding 0
+    ent = -torch.where(p > 0, p * ls, torch.zeros((), dtype=p.dtype, device=p.device)).sum(dim=-1)
+    argmax = zd.argmax(dim=-1) if z.shape[0] else torch.zeros_like(target)
+    return logp, hit, argmax, torch.stack([lse, ent])

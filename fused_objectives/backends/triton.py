@@ -84,8 +84,9 @@ class TritonBackend:
             return self.fused
         return self.chunked
 
-    def forward(self, hidden, weight, bias, target, valid, opts: LogitOptions):
-        return self.per_token_strategy(hidden, weight).forward(hidden, weight, bias, target, valid, opts)
+    def forward(self, hidden, weight, bias, target, valid, opts: LogitOptions, row_stats: bool = False):
+        return self.per_token_strategy(hidden, weight).forward(hidden, weight, bias, target, valid, opts,
+                                                               row_stats=row_stats)
 
     def backward(self, hidden, weight, bias, target, state, coef, opts: LogitOptions,
                  needs: Tuple[bool, bool, bool]):
@@ -100,5 +101,7 @@ class TritonBackend:
         before it forms ``dz`` and runs 4 fp16 GEMMs (~4/3 of the 3-GEMM floor).  A prediction."""
         return dtype != torch.float16
 
-    def forward_with_grad(self, hidden, weight, bias, target, valid, opts: LogitOptions, coef_fn, needs):
-        return self.chunked.forward_with_grad(hidden, weight, bias, target, valid, opts, coef_fn, needs)
+    def forward_with_grad(self, hidden, weight, bias, target, valid, opts: LogitOptions, coef_fn, needs,
+                          row_stats: bool = False):
+        return self.chunked.forward_with_grad(hidden, weight, bias, target, valid, opts, coef_fn, needs,
+                                              row_stats=row_stats)

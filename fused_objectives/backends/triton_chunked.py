@@ -198,13 +198,13 @@ class _Rows:
         return x
 
 
-def _row_pass(x, weight, bias, t, opts, bufs: _Buffers):
-    """Steps 1-2: raw logits into the buffer and the row statistics."""
+def _row_pass(x, weight, bias, t, opts, bufs: _Buffers, entropy: bool = False):
+    """Steps 1-2: raw logits into the buffer and the row statistics (plus the rows' entropy, last,
+    when ``entropy``)."""
     from ..kernels import rows as row_kernels
 
     z = bufs.logits(x, weight)
-    m, log_norm, logp, amax = row_kernels.row_stats(z, bias, t, opts)
-    return z, m, log_norm, logp, amax
+    return (z,) + tuple(row_kernels.row_stats(z, bias, t, opts, entropy=entropy))
 
 
 def _add_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -227,26 +227,31 @@ class TritonChunkedBackend:
         return triton_common.unavailable_reason(self.name, device)
 
     # -- per-token primitives ------------------------------------------------------------------
-    def forward(self, hidden, weight, bias, target, valid, opts: LogitOptions):
+    def forward(self, hidden, weight, bias, target, valid, opts: LogitOptions, row_stats: bool = False):
         with torch.autocast(hidden.device.type, enabled=False):
-            return self._forward(hidden, weight, bias, target, valid, opts)
+            return self._forward(hidden, weight, bias, target, valid, opts, row_stats)
 
-    def _forward(self, hidden, weight, bias, target, valid, opts):
+    def _forward(self, hidden, weight, bias, target, valid, opts, row_stats=False):
         N = hidden.shape[0]
         V = weight.shape[0]
         dev = hidden.device
         state = torch.zeros(3, N, dtype=torch.float32, device=dev)
         argmax = torch.zeros(N, dtype=torch.int64, device=dev)
+        ent = torch.zeros(N, dtype=torch.float32, device=dev) if row_stats else None
         sel_rows = _Rows(valid, compact=not sync_free(dev))
         rows = min(max(sel_rows.count, 1), chunk_rows(V, hidden.dtype))
         buf = _Buffers(hidden.dtype, rows * V, dev) if sel_rows.count else None
         for sel, _n in sel_rows.chunks(rows):
             x = sel_rows.hidden(hidden, sel)
             t = sel_rows.take(target, sel)
-            _z, m, log_norm, logp, amax = _row_pass(x, weight, bias, t, opts, buf)
+            _z, m, log_norm, logp, amax, *h = _row_pass(x, weight, bias, t, opts, buf, row_stats)
             sel_rows.put(state.T, sel, torch.stack([m, log_norm, logp], dim=1))
             sel_rows.put(argmax, sel, amax)
+            if row_stats:
+                sel_rows.put(ent, sel, h[0])
         logp = state[2].clone()
+        if row_stats:  # rows where valid is False: unspecified (the autograd layer masks them)
+            return logp, state, argmax, torch.stack([state[0] + state[1], ent])
         return logp, state, argmax
 
     def backward(self, hidden, weight, bias, target, state, coef, opts: LogitOptions,
@@ -314,14 +319,14 @@ class TritonChunkedBackend:
 
     # -- scalar losses: gradients in the forward ----------------------------------------------
     def forward_with_grad(self, hidden, weight, bias, target, valid, opts: LogitOptions, coef_fn: CoefFn,
-                          needs: Tuple[bool, bool, bool]):
+                          needs: Tuple[bool, bool, bool], row_stats: bool = False):
         """``(total, logp, kept, argmax, dx, dw, db)``: the summed objective, per-token statistics,
         and the gradients of ``total`` (None where not needed): dx / dw in the input dtype (dw in
         fp32 when ``DW_ACCUMULATE == "fp32"``), db in fp32."""
         with torch.autocast(hidden.device.type, enabled=False):
-            return self._forward_with_grad(hidden, weight, bias, target, valid, opts, coef_fn, needs)
+            return self._forward_with_grad(hidden, weight, bias, target, valid, opts, coef_fn, needs, row_stats)
 
-    def _forward_with_grad(self, hidden, weight, bias, target, valid, opts, coef_fn, needs):
+    def _forward_with_grad(self, hidden, weight, bias, target, valid, opts, coef_fn, needs, row_stats=False):
         from ..kernels import rows as row_kernels
 
         need_dx, need_dw, need_db = needs
@@ -337,6 +342,7 @@ class TritonChunkedBackend:
         logp_all = torch.zeros(N, dtype=f32, device=dev)
         kept_all = torch.zeros(N, dtype=torch.bool, device=dev)
         argmax_all = torch.zeros(N, dtype=torch.int64, device=dev)
+        rows_all = torch.zeros(2, N, dtype=f32, device=dev) if row_stats else None
         total = torch.zeros((), dtype=f32, device=dev)
         # compacted rows never write the ignored ones: those need zeros; sync-free writes every row
         alloc = torch.zeros if compact else torch.empty
@@ -353,7 +359,9 @@ class TritonChunkedBackend:
             x = sel_rows.hidden(hidden, sel).to(dt)
             t = sel_rows.take(target, sel)
             v = sel_rows.take(valid, sel)
-            z, m, log_norm, logp, amax = _row_pass(x, weight, bias, t, opts, buf)
+            z, m, log_norm, logp, amax, *h = _row_pass(x, weight, bias, t, opts, buf, row_stats)
+            if row_stats:
+                sel_rows.put(rows_all.T, sel, torch.stack([m + log_norm, h[0]], dim=1))
             if not compact:
                 logp = torch.where(v, logp, torch.zeros_like(logp))
             tot, kept, c = coef_fn(logp, v)
@@ -378,4 +386,4 @@ class TritonChunkedBackend:
                     dw.addmm_(dz.T, x)
             if need_db:
                 db += dz.sum(dim=0, dtype=f32)
-        return total, logp_all, kept_all, argmax_all, dx, dw, db
+        return (total, logp_all, kept_all, argmax_all, dx, dw, db) + ((rows_all,) if row_stats else ())

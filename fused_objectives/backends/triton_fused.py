@@ -32,10 +32,14 @@ class TritonFusedBackend:
     def unavailable_reason(self, device: torch.device) -> Optional[str]:
         return triton_common.unavailable_reason(self.name, device)
 
-    def forward(self, hidden, weight, bias, target, valid, opts: LogitOptions):
+    def forward(self, hidden, weight, bias, target, valid, opts: LogitOptions, row_stats: bool = False):
         from ..kernels.forward import fused_forward
 
-        return fused_forward(hidden, weight, bias, target, valid, opts, dot_fp32(hidden.dtype))
+        out = fused_forward(hidden, weight, bias, target, valid, opts, dot_fp32(hidden.dtype), entropy=row_stats)
+        if not row_stats:
+            return out
+        logp, state, argmax, ent = out
+        return logp, state, argmax, torch.stack([state[0] + state[1], ent])
 
     def backward(self, hidden, weight, bias, target, state, coef, opts: LogitOptions,
                  needs: Tuple[bool, bool, bool]):

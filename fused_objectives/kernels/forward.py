@@ -21,7 +21,7 @@ from .common import logits_tile
 def lse_fwd_kernel(
     # pointers
     x_ptr, w_ptr, b_ptr, tgt_ptr, row_idx_ptr, n_active_ptr,
-    m_ptr, rest_ptr, amax_ptr, tlogit_ptr,
+    m_ptr, rest_ptr, amax_ptr, tlogit_ptr, sent_ptr,
     # sizes
     V, H, v_per_split,
     # strides
@@ -30,6 +30,7 @@ def lse_fwd_kernel(
     logit_scale, softcap,
     # meta-parameters
     HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
+    ENTROPY: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     pid_n = tl.program_id(0).to(tl.int64)
@@ -51,6 +52,8 @@ def lse_fwd_kernel(
     rest = tl.zeros((BLOCK_N,), dtype=tl.float32)
     amax = tl.zeros((BLOCK_N,), dtype=tl.int64)
     tlogit = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    # ENTROPY: s = sum of exp(z - m) * (z - m), rescaled with m like rest (the argmax's term is 0)
+    s = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for v0 in range(v_lo, v_hi, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         vmask = offs_v < v_hi
@@ -69,6 +72,12 @@ def lse_fwd_kernel(
         e = tl.exp(z - m_new[:, None])
         is_new_arg = new_max[:, None] & (offs_v[None, :] == (v0 + tile_arg)[:, None])
         tile_rest = tl.sum(tl.where(is_new_arg, 0.0, e), axis=1)
+        if ENTROPY:
+            # exp(dm) * (s + dm * (rest + 1)), dm = m - m_new <= 0; a zero exp (masked, -inf) adds 0
+            dm = tl.where(m == float("-inf"), 0.0, m - m_new)  # no -inf * 0 below
+            s_old = tl.where(m == float("-inf"), 0.0, tl.exp(dm) * (s + dm * (rest + 1.0)))
+            zd = tl.where(e > 0.0, z - m_new[:, None], 0.0)  # masked / -inf columns: no 0 * inf
+            s = tl.where(new_max, s_old, s) + tl.sum(e * zd, axis=1)
         rest = tl.where(new_max, (rest + 1.0) * tl.exp(m - m_new), rest) + tile_rest
         amax = tl.where(new_max, v0 + tile_arg, amax)
         m = m_new
@@ -78,6 +87,8 @@ def lse_fwd_kernel(
     tl.store(m_ptr + part, m, mask=rmask)
     tl.store(rest_ptr + part, rest, mask=rmask)
     tl.store(amax_ptr + part, amax, mask=rmask)
+    if ENTROPY:
+        tl.store(sent_ptr + part, s, mask=rmask)
     # the one split whose range holds the target writes its logit (never for out-of-range targets)
     tl.store(tlogit_ptr + tok, tlogit, mask=rmask & (tgt >= v_lo) & (tgt < v_hi))
 
@@ -90,8 +101,10 @@ def fused_forward(
     valid: torch.Tensor,
     opts: LogitOptions,
     dot_fp32: bool,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(logp [N] f32, lse_state [3, N] f32, argmax [N] int64)`` for 2-D ``hidden`` [N, H].
+    entropy: bool = False,
+):
+    """``(logp [N] f32, lse_state [3, N] f32, argmax [N] int64)`` for 2-D ``hidden`` [N, H], plus
+    the rows' softmax entropy [N] as a fourth value when ``entropy`` (a compile-time branch).
 
     ``lse_state`` holds the row max ``m``, ``log(sum(exp(z - m)))`` and ``logp``: kept apart,
     ``z - m`` stays exact, so ``p`` near 1 (and ``1 - p`` in the gradient) keeps fp32 accuracy even
@@ -116,20 +129,23 @@ def fused_forward(
     rest = torch.zeros((splits, N), dtype=torch.float32, device=dev)
     amax = torch.zeros((splits, N), dtype=torch.int64, device=dev)
     tlogit = torch.full((N,), float("nan"), dtype=torch.float32, device=dev)
+    sent = torch.zeros((splits, N), dtype=torch.float32, device=dev) if entropy else None
     if N > 0:
         lse_fwd_kernel[(n_blocks, splits)](
             hidden, weight, bias if bias is not None else hidden, target, row_idx, n_active,
-            m, rest, amax, tlogit,
+            m, rest, amax, tlogit, sent if entropy else tlogit,
             V, H, v_per_split,
             hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), N,
             opts.logit_scale or 1.0, opts.softcap or 1.0,
             HAS_BIAS=bias is not None, HAS_SCALE=opts.logit_scale is not None,
             HAS_SOFTCAP=opts.softcap is not None, DOT_FP32=dot_fp32, PRECISION=configs.dot_precision(hidden.dtype),
+            ENTROPY=entropy,
             BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     if splits == 1:
         m_all, rest_all, argmax = m[0], rest[0], amax[0]
+        s_all = sent[0] if entropy else None
     else:
         m_all, best = m.max(dim=0)  # first split holding the max: the first index of the max overall
         # every split's terms rescaled to the global max, its own max term (1) included, except the
@@ -138,6 +154,15 @@ def fused_forward(
         scaled = torch.where(is_best, rest, (rest + 1.0) * torch.exp(m - m_all[None, :]))
         rest_all = scaled.sum(dim=0)
         argmax = amax.gather(0, best[None, :])[0]
+        if entropy:
+            # each split's sum rescaled to the global max: exp(dm) * (s + dm * (rest + 1)) (its own
+            # max term included in rest + 1; for the best split dm = 0); empty splits add 0
+            dm = m - m_all[None, :]
+            s_all = torch.where(m == float("-inf"), torch.zeros_like(sent),
+                                torch.exp(dm) * (sent + dm * (rest + 1.0))).sum(dim=0)
     log_norm = torch.log1p(rest_all)
     logp = (tlogit - m_all) - log_norm
-    return logp, torch.stack([m_all, log_norm, logp]), argmax
+    state = torch.stack([m_all, log_norm, logp])
+    if entropy:
+        return logp, state, argmax, log_norm - s_all / (rest_all + 1.0)
+    return logp, state, argmax

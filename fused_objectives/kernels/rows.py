@@ -30,7 +30,7 @@ from .common import transform_logits
 def row_stats_kernel(
     # pointers
     z_ptr, b_ptr, tgt_ptr,
-    m_ptr, rest_ptr, amax_ptr, zt_ptr,
+    m_ptr, rest_ptr, amax_ptr, zt_ptr, sent_ptr,
     # sizes
     M, C,
     # strides
@@ -38,7 +38,7 @@ def row_stats_kernel(
     # logit transforms
     logit_scale, softcap,
     # meta-parameters
-    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, ENTROPY: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -52,6 +52,8 @@ def row_stats_kernel(
     # a lane that never sees a column (V < BLOCK_V) keeps an index >= V, so it never wins below
     lane_arg = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.int32) + tl.arange(0, BLOCK_V)[None, :]
     lane_zt = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
+    # ENTROPY: sum of exp(z - lane_m) * (z - lane_m), rescaled with lane_m (the max's own term is 0)
+    lane_s = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
     for v0 in range(0, C, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         vmask = offs_v < C
@@ -65,6 +67,14 @@ def row_stats_kernel(
         new_max = z > lane_m
         # exp(-|z - m|) is the smaller term's share; equal values (also -inf == -inf) count 1
         e = tl.where(z == lane_m, 1.0, tl.exp(-tl.abs(z - lane_m)))
+        if ENTROPY:
+            # new max: exp(dm) * (S + dm * (rest + 1)) with dm = lane_m - z; else S + e * (z - lane_m);
+            # a term that is exactly 0 (equal values, -inf, an underflowed exp) adds nothing
+            first = lane_m == float("-inf")
+            # d = 0 where the term is 0 anyway: no inf - inf or 0 * inf (a NaN the where would drop)
+            d = tl.where(first | (e == 0.0) | (z == lane_m), 0.0, z - lane_m)
+            grown = tl.where(first, 0.0, e * (lane_s - d * (lane_rest + 1.0)))
+            lane_s = tl.where(new_max, grown, lane_s + e * d)
         lane_rest = tl.where(new_max, (lane_rest + 1.0) * e, lane_rest + e)
         lane_arg = tl.where(new_max, offs_v[None, :], lane_arg)
         lane_m = tl.where(new_max, z, lane_m)
@@ -76,6 +86,11 @@ def row_stats_kernel(
     # every lane rescaled to the row max, its own max term (1) included, except the winner's max
     rest = tl.sum(tl.where(win, lane_rest, (lane_rest + 1.0) * tl.exp(lane_m - m[:, None])), axis=1)
     zt = tl.sum(lane_zt, axis=1)
+    if ENTROPY:
+        unused = lane_m == float("-inf")
+        dl = tl.where(unused, 0.0, lane_m - m[:, None])
+        s = tl.sum(tl.where(unused, 0.0, tl.exp(dl) * (lane_s + dl * (lane_rest + 1.0))), axis=1)
+        tl.store(sent_ptr + offs_m, s, mask=mmask)
     amax = amax.to(tl.int64)
     tl.store(m_ptr + offs_m, m, mask=mmask)
     tl.store(rest_ptr + offs_m, rest, mask=mmask)
@@ -135,8 +150,11 @@ def row_stats(
     bias: Optional[torch.Tensor],
     target: torch.Tensor,
     opts: LogitOptions,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(m, log_norm, logp, argmax)`` [M] of the raw logits buffer ``z`` [M, V] (unit column stride).
+    entropy: bool = False,
+):
+    """``(m, log_norm, logp, argmax)`` [M] of the raw logits buffer ``z`` [M, V] (unit column stride),
+    plus the rows' softmax entropy [M] as a fifth value when ``entropy`` (a compile-time branch of
+    the kernel: the default pass does not pay for it).
 
     ``log_norm = log(sum_j exp(z_j - m))`` (``log1p`` of the remainder), ``logp = (z_t - m) -
     log_norm``; a target outside ``[0, V)`` gives NaN.  Equals, on the transformed fp32 logits
@@ -150,15 +168,16 @@ def row_stats(
     rest = torch.empty(M, dtype=torch.float32, device=dev)
     amax = torch.empty(M, dtype=torch.int64, device=dev)
     zt = torch.empty(M, dtype=torch.float32, device=dev)
+    sent = torch.empty(M, dtype=torch.float32, device=dev) if entropy else None
     if M > 0:
         row_stats_kernel[(triton.cdiv(M, cfg.block_m),)](
             z, _bias_arg(bias, z), target,
-            m, rest, amax, zt,
+            m, rest, amax, zt, sent if entropy else zt,
             M, C,
             z.stride(0),
             opts.logit_scale or 1.0, opts.softcap or 1.0,
             HAS_BIAS=bias is not None, HAS_SCALE=opts.logit_scale is not None,
-            HAS_SOFTCAP=opts.softcap is not None,
+            HAS_SOFTCAP=opts.softcap is not None, ENTROPY=entropy,
             BLOCK_M=cfg.block_m, BLOCK_V=cfg.block_v,
             num_warps=cfg.num_warps,
         )
@@ -166,6 +185,9 @@ def row_stats(
     logp = (zt - m) - log_norm
     in_range = (target >= 0) & (target < C)
     logp = torch.where(in_range, logp, torch.full_like(logp, float("nan")))
+    if entropy:
+        # H = log_norm - E_p[z - m] = log_norm - S / sum_j exp(z_j - m)
+        return m, log_norm, logp, amax, log_norm - sent / (rest + 1.0)
     return m, log_norm, logp, amax
 
 
