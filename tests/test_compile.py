@@ -208,3 +208,21 @@ def test_compiled_patched_model_still_refuses_an_undeclared_logits_transform():
     torch._dynamo.reset()
     with pytest.raises(RuntimeError, match="transforms the logits between its head and its loss"):
         torch.compile(lambda **k: model(**k).loss, fullgraph=True)(**_llama_batch())
+
+
+def test_fullgraph_stats_and_target_logprob_equal_truth():
+    torch._dynamo.reset()
+    h, w, b, t = inputs(seed=3)
+    z = h.double() @ w.double().T
+    valid = t != -100
+    lp = torch.where(valid, torch.log_softmax(z, -1).gather(-1, t.clamp(min=0)[..., None])[..., 0], 0.0)
+    hit = valid & (z.argmax(-1) == t)
+
+    loss, stats = torch.compile(lambda h, w, t: fo.linear_objective_loss(h, w, t, return_stats=True),
+                                fullgraph=True)(h, w, t)
+    torch.testing.assert_close(loss.double(), -lp[valid].mean(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stats.logp.double(), lp, rtol=1e-5, atol=1e-5)
+    assert torch.equal(stats.hit, hit) and int(stats.n_valid) == int(valid.sum())
+    torch.testing.assert_close(stats.mean_p.double(), lp.exp()[valid].mean(), rtol=1e-5, atol=1e-6)
+    got = torch.compile(lambda h, w, t: fo.target_logprob(h, w, t, backend="cpu"), fullgraph=True)(h, w, t)
+    torch.testing.assert_close(got.double(), lp, rtol=1e-5, atol=1e-5)
