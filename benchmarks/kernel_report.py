@@ -112,7 +112,7 @@ class Ptr:
 class KernelEntry:
     """One shipped ``@triton.jit`` kernel.
 
-    ``configs(dtype, arch)`` -> {name: config} shipped for that dtype and arch; ``features``: names of the boolean
+    ``configs(dtype, arch, features)`` -> {name: config} shipped for that dtype, arch and feature set; ``features``: names of the boolean
     switches that change the code, ``valid(features)`` filters impossible combinations; ``launch(case)``
     -> (positional args, keyword args incl. constexprs, num_warps, num_stages) exactly as the launcher
     passes them at ``SHAPE``.
@@ -120,7 +120,7 @@ class KernelEntry:
 
     name: str
     target: str                      # "module:attribute"
-    configs: Callable[[DType, str], Dict[str, object]]
+    configs: Callable[[DType, str, Dict[str, bool]], Dict[str, object]]
     features: Tuple[str, ...]
     launch: Callable[[Case], Tuple[list, dict]]
     valid: Callable[[Dict[str, bool]], bool] = lambda f: True
@@ -172,24 +172,25 @@ def _capability(arch: str) -> Tuple[int, int]:
     return (cap // 10, cap % 10)
 
 
-def _fwd_configs(dtype: DType, arch: str) -> Dict[str, object]:
+def _fwd_configs(dtype: DType, arch: str, features: Dict[str, bool]) -> Dict[str, object]:
     from fused_objectives.kernels import configs
-    return _named(configs.forward_config(getattr(_torch(), dtype.torch_name), _capability(arch), dtype.tf32),
-                  "FORWARD")
+    # the entropy variant has configs of its own (configs.ENTROPY_FORWARD_CONFIGS)
+    return _named(configs.forward_config(getattr(_torch(), dtype.torch_name), _capability(arch), dtype.tf32,
+                                         entropy=bool(features.get("entropy"))), "FORWARD")
 
 
-def _bwd_configs(dtype: DType, arch: str) -> Dict[str, object]:
+def _bwd_configs(dtype: DType, arch: str, _features: Dict[str, bool]) -> Dict[str, object]:
     from fused_objectives.kernels import configs
     return _named(configs.backward_config(getattr(_torch(), dtype.torch_name), _capability(arch), dtype.tf32),
                   "BACKWARD")
 
 
-def _rows_configs(dtype: DType, arch: str) -> Dict[str, object]:
+def _rows_configs(dtype: DType, arch: str, _features: Dict[str, bool]) -> Dict[str, object]:
     from fused_objectives.kernels import configs
     return _named(configs.rows_config(), "ROWS")
 
 
-def _dz_configs(dtype: DType, arch: str) -> Dict[str, object]:
+def _dz_configs(dtype: DType, arch: str, _features: Dict[str, bool]) -> Dict[str, object]:
     from fused_objectives.kernels import configs
     return _named(configs.dz_config(), "DZ")
 
@@ -537,7 +538,7 @@ def cases(entry: KernelEntry, dtypes: Sequence[str], subset: str, archs: Sequenc
             if not entry.valid(feats) or (feats.get("fp32_logits") and dtype.torch_name == "float32"):
                 continue
             for arch in archs:
-                for cname, cfg in entry.configs(dtype, arch).items():
+                for cname, cfg in entry.configs(dtype, arch, feats).items():
                     yield arch, Case(dtype, feats, cname, cfg)
 
 

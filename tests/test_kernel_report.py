@@ -26,13 +26,9 @@ _spec.loader.exec_module(kr)
 # (kernel, arch, dtype[, features]) -> why it fails today and what fixes it (strict xfails: a fix turns them red
 # until the entry goes).  Empty since a0114f6 (per-arch configs); before it, the sm_80 backward spilled
 # (bf16 720 B, fp32-tf32 368 B with Triton 3.9) and needed 180,224 B of shared memory for TF32 with 3.6.
-KNOWN_FAILING = {
-    # CUDA's entropy option of the fused forward (uncommitted at 11:40, kernel_report on the working tree):
-    # the extra running sum spills with FORWARD_HALF / FORWARD_TF32_SM80 (128x128, 8 warps, 3 stages)
-    ("lse_fwd_kernel", "sm_80", "bf16", "entropy"): "ENTROPY forward spills 712 B on sm_80 (FORWARD_HALF)",
-    ("lse_fwd_kernel", "sm_90a", "bf16", "entropy"): "ENTROPY forward spills 24 B on sm_90a (FORWARD_HALF)",
-    ("lse_fwd_kernel", "sm_80", "fp32-tf32", "entropy"): "ENTROPY forward spills 712 B on sm_80 (FORWARD_TF32_SM80)",
-}
+# The entropy forward's spills with the 128-row tiles (712 B on sm_80, 24 B on sm_90a bf16) went with its own
+# 64-row configs (configs.ENTROPY_FORWARD_CONFIGS).
+KNOWN_FAILING = {}
 
 triton_cuda = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton")
 

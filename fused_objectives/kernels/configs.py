@@ -66,6 +66,14 @@ FUSED_CONFIGS = {
     ("backward", "tf32", 80): BACKWARD_TF32, ("backward", "tf32", 90): BACKWARD_TF32,
     ("backward", "ieee", 80): BACKWARD_IEEE_SM80, ("backward", "ieee", 90): BACKWARD_IEEE_SM90,
 }
+# The forward with the entropy accumulator (ENTROPY, only for return_stats=True) on 64-row tiles where
+# the 128-row ones spilled (benchmarks/kernel_report.py, Triton 3.9.0, 255 registers: 712 B on sm_80
+# bf16 and TF32, 24 B on sm_90a bf16); with 64 rows: no spill, 184-190 registers on both archs.
+FORWARD_ENTROPY_HALF = KernelConfig(64, 128, 64, 8, 3)
+FORWARD_ENTROPY_TF32_SM80 = KernelConfig(64, 128, 32, 8, 3)
+ENTROPY_FORWARD_CONFIGS = {
+    ("half", 80): FORWARD_ENTROPY_HALF, ("half", 90): FORWARD_ENTROPY_HALF, ("tf32", 80): FORWARD_ENTROPY_TF32_SM80,
+}
 INTERPRET = KernelConfig(block_n=16, block_v=32, block_h=16, num_warps=1, num_stages=1)
 
 # Row kernels: one logits row (or a few under the interpreter) per program, streaming the vocabulary.
@@ -114,12 +122,16 @@ def capability_of(device) -> Optional[Tuple[int, int]]:
 
 
 def forward_config(dtype=None, capability: Optional[Tuple[int, int]] = None,
-                   tf32: Optional[bool] = None) -> KernelConfig:
+                   tf32: Optional[bool] = None, entropy: bool = False) -> KernelConfig:
     """The fused forward's config for inputs of ``dtype`` on a GPU of ``capability`` (default: the
-    current device's) with TF32 dots or not (default: PyTorch's fp32 matmul setting)."""
+    current device's) with TF32 dots or not (default: PyTorch's fp32 matmul setting); ``entropy``:
+    the variant that also accumulates the rows' entropy (``ENTROPY_FORWARD_CONFIGS``)."""
     if interpreting():
         return INTERPRET
-    return FUSED_CONFIGS[("forward", _kind(dtype, tf32), _arch(capability))]
+    kind, arch = _kind(dtype, tf32), _arch(capability)
+    if entropy and (kind, arch) in ENTROPY_FORWARD_CONFIGS:
+        return ENTROPY_FORWARD_CONFIGS[(kind, arch)]
+    return FUSED_CONFIGS[("forward", kind, arch)]
 
 
 def backward_config(dtype=None, capability: Optional[Tuple[int, int]] = None,
