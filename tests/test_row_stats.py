@@ -53,7 +53,7 @@ def _inputs(case):
     return h, w, t, b, spec["kw"]
 
 
-def _truth(h, w, t, b, logit_scale=None, softcap=None, shift=False):
+def _truth(h, w, t, b, logit_scale=None, softcap=None, shift=False, ignore=IGNORE):
     """float64 ``(lse, entropy, argmax, valid, z)`` per position, on materialised logits."""
     z = h.double() @ w.double().T
     if b is not None:
@@ -63,10 +63,10 @@ def _truth(h, w, t, b, logit_scale=None, softcap=None, shift=False):
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
     if shift:
-        t = torch.cat([t[..., 1:], torch.full_like(t[..., :1], IGNORE)], dim=-1)
+        t = torch.cat([t[..., 1:], torch.full_like(t[..., :1], ignore)], dim=-1)
     logq = torch.log_softmax(z, dim=-1)
     entropy = -(logq.exp() * logq).sum(dim=-1)
-    return torch.logsumexp(z, dim=-1), entropy, z.argmax(dim=-1), t != IGNORE, z
+    return torch.logsumexp(z, dim=-1), entropy, z.argmax(dim=-1), t != ignore, z
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -144,3 +144,19 @@ def test_trl_fused_lm_head_entropy_is_the_real_entropy():
                                rtol=1e-5, atol=1e-6)
     metric = out.entropy.sum() / out.label_mask.sum()
     torch.testing.assert_close(metric.double(), ent[valid].mean(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted({k for k, v in vars(configs).items() if k.startswith("FORWARD_ENTROPY_")}))
+def test_entropy_forward_gpu_configs(monkeypatch, name):
+    """The entropy forward's own GPU tile configs (configs.ENTROPY_FORWARD_CONFIGS), run by the
+    interpreter: masking at the real block sizes (N, V, H not multiples of a block)."""
+    cfg = getattr(configs, name)
+    assert cfg in configs.ENTROPY_FORWARD_CONFIGS.values()
+    monkeypatch.setattr(configs, "forward_config", lambda *a, **k: cfg)
+    h, w, t, b = make_inputs(N=70, H=40, V=150, bias=True, peaked=4.0)
+    lse, ent, amax, valid, _z = _truth(h, w, t, b, softcap=6.0, ignore=-100)
+    _, st = fo.linear_objective_loss(h, w, t, b, softcap=6.0, backend="triton_fused", return_stats=True)
+    zero = torch.zeros((), dtype=torch.float64)
+    torch.testing.assert_close(st.lse.double(), torch.where(valid, lse, zero), rtol=1e-6, atol=2e-6)
+    torch.testing.assert_close(st.entropy.double(), torch.where(valid, ent, zero), rtol=1e-5, atol=5e-6)
+    assert torch.equal(st.predicted, torch.where(valid, amax, torch.full_like(amax, -100)))
