@@ -226,3 +226,15 @@ def test_fullgraph_stats_and_target_logprob_equal_truth():
     torch.testing.assert_close(stats.mean_p.double(), lp.exp()[valid].mean(), rtol=1e-5, atol=1e-6)
     got = torch.compile(lambda h, w, t: fo.target_logprob(h, w, t, backend="cpu"), fullgraph=True)(h, w, t)
     torch.testing.assert_close(got.double(), lp, rtol=1e-5, atol=1e-5)
+
+
+def test_constant_marker_is_dynamos():
+    """backends/cpu.py sets dynamo's assume_constant_result marker by hand (to keep torch._dynamo,
+    and triton, out of the package import): fail if torch changes what the decorator does."""
+    import torch._dynamo
+
+    def f():
+        return 0
+
+    marked = torch._dynamo.assume_constant_result(f)
+    assert marked is f and set(vars(f)) == {"_dynamo_marked_constant"} and f._dynamo_marked_constant is True

@@ -220,10 +220,11 @@ def _constant_at_trace(fn):
     """Under ``torch.compile``, run ``fn`` once while tracing and keep its result as a constant (no
     graph break, nothing of it in the graph): the loader's locks and file I/O, and the one-off GEMM
     timing, are host work done once per process, not operations to trace."""
-    try:
-        return torch._dynamo.assume_constant_result(fn)
-    except AttributeError:  # a torch without dynamo
-        return fn
+    # exactly what torch._dynamo.assume_constant_result does (it sets this marker and returns fn);
+    # importing torch._dynamo here would import triton, and with it seconds of start-up, at package
+    # import (tests/test_kernels.py::test_import_is_light; test_compile checks the marker still works)
+    fn._dynamo_marked_constant = True
+    return fn
 
 
 @_constant_at_trace
