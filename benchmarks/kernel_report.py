@@ -176,7 +176,8 @@ def _fwd_configs(dtype: DType, arch: str, features: Dict[str, bool]) -> Dict[str
     from fused_objectives.kernels import configs
     # the entropy variant has configs of its own (configs.ENTROPY_FORWARD_CONFIGS)
     return _named(configs.forward_config(getattr(_torch(), dtype.torch_name), _capability(arch), dtype.tf32,
-                                         entropy=bool(features.get("entropy"))), "FORWARD")
+                                         entropy=bool(features.get("entropy")),
+                                         softcap=bool(features.get("softcap"))), "FORWARD")
 
 
 def _bwd_configs(dtype: DType, arch: str, _features: Dict[str, bool]) -> Dict[str, object]:

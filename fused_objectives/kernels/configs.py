@@ -56,7 +56,7 @@ FORWARD_IEEE = KernelConfig(64, 128, 32, 8, 3)         # both archs (49,152 B)
 BACKWARD_HALF_SM80 = KernelConfig(128, 64, 32, 8, 3)   # (57,344 B)
 BACKWARD_HALF_SM90 = KernelConfig(128, 64, 64, 8, 3)   # (122,880 B)
 BACKWARD_TF32 = KernelConfig(64, 128, 32, 8, 3)        # both archs (114,688 (131,072) / 155,648 B)
-BACKWARD_IEEE_SM80 = KernelConfig(64, 64, 16, 8, 2)    # (28,672 (24,576) B)
+BACKWARD_IEEE_SM80 = KernelConfig(32, 64, 16, 4, 2)    # 64x64x16 / 8 warps spilled 8 B (3.9), 24-40 B (3.6); 64x32x16 / 4 warps 8 B
 BACKWARD_IEEE_SM90 = KernelConfig(64, 32, 16, 4, 2)    # (14,336 B)
 FUSED_CONFIGS = {
     ("forward", "half", 80): FORWARD_HALF, ("forward", "half", 90): FORWARD_HALF,
@@ -74,6 +74,9 @@ FORWARD_ENTROPY_TF32_SM80 = KernelConfig(64, 128, 32, 8, 3)
 ENTROPY_FORWARD_CONFIGS = {
     ("half", 80): FORWARD_ENTROPY_HALF, ("half", 90): FORWARD_ENTROPY_HALF, ("tf32", 80): FORWARD_ENTROPY_TF32_SM80,
 }
+# The soft-capped half-precision forward on sm_90a: 128-row tiles spilled 16 B (255 registers,
+# Triton 3.9); the 64-row entropy tile does not.
+SOFTCAP_FORWARD_CONFIGS = {("half", 90): FORWARD_ENTROPY_HALF}
 INTERPRET = KernelConfig(block_n=16, block_v=32, block_h=16, num_warps=1, num_stages=1)
 
 # Row kernels: one logits row (or a few under the interpreter) per program, streaming the vocabulary.
@@ -122,15 +125,18 @@ def capability_of(device) -> Optional[Tuple[int, int]]:
 
 
 def forward_config(dtype=None, capability: Optional[Tuple[int, int]] = None,
-                   tf32: Optional[bool] = None, entropy: bool = False) -> KernelConfig:
+                   tf32: Optional[bool] = None, entropy: bool = False, softcap: bool = False) -> KernelConfig:
     """The fused forward's config for inputs of ``dtype`` on a GPU of ``capability`` (default: the
     current device's) with TF32 dots or not (default: PyTorch's fp32 matmul setting); ``entropy``:
-    the variant that also accumulates the rows' entropy (``ENTROPY_FORWARD_CONFIGS``)."""
+    the variant that also accumulates the rows' entropy (``ENTROPY_FORWARD_CONFIGS``); ``softcap``:
+    the soft-capped variant (``SOFTCAP_FORWARD_CONFIGS``)."""
     if interpreting():
         return INTERPRET
     kind, arch = _kind(dtype, tf32), _arch(capability)
     if entropy and (kind, arch) in ENTROPY_FORWARD_CONFIGS:
         return ENTROPY_FORWARD_CONFIGS[(kind, arch)]
+    if softcap and (kind, arch) in SOFTCAP_FORWARD_CONFIGS:
+        return SOFTCAP_FORWARD_CONFIGS[(kind, arch)]
     return FUSED_CONFIGS[("forward", kind, arch)]
 
 

@@ -114,7 +114,8 @@ def fused_forward(
     N, H = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
-    cfg = configs.forward_config(hidden.dtype, configs.capability_of(hidden.device), entropy=entropy)
+    cfg = configs.forward_config(hidden.dtype, configs.capability_of(hidden.device), entropy=entropy,
+                                 softcap=opts.softcap is not None)
     # valid tokens first; the kernels read the count from device memory (no host sync)
     row_idx = torch.argsort((~valid).to(torch.int8), stable=True)
     n_active = valid.sum(dtype=torch.int32).reshape(1)
