@@ -740,6 +740,28 @@ void chunk_grad_(const at::Tensor& z, const std::optional<at::Tensor>& bias, con
   });
 }
 
+// dst (fp32) = or += src (any GEMM dtype), converting on the fly: one vectorised pass where ATen's
+// mixed-dtype add_ converts into a temporary first (the token chunks' half-precision dW products).
+void accumulate_(const at::Tensor& dst, const at::Tensor& src, bool add) {
+  TORCH_CHECK(dst.scalar_type() == at::kFloat && dst.is_contiguous(), "accumulate_: dst must be contiguous fp32");
+  TORCH_CHECK(src.is_contiguous() && src.sizes() == dst.sizes(), "accumulate_: src must be contiguous, shaped like dst");
+  const int64_t n = dst.numel();
+  float* d = dst.data_ptr<float>();
+  dispatch_dtype(src.scalar_type(), [&](auto ts) {
+    using T = decltype(ts);
+    const T* p = static_cast<const T*>(src.data_ptr());
+    at::parallel_for(0, n, 1 << 16, [&](int64_t lo, int64_t hi) {
+      if (add) {
+#pragma omp simd
+        for (int64_t i = lo; i < hi; ++i) d[i] += to_f(p[i]);
+      } else {
+#pragma omp simd
+        for (int64_t i = lo; i < hi; ++i) d[i] = to_f(p[i]);
+      }
+    });
+  });
+}
+
 }  // namespace
 }  // namespace fused_objectives_cpu
 
@@ -756,6 +778,7 @@ TORCH_LIBRARY(fused_objectives, m) {
   m.def("chunk_grad_(Tensor(a!) z, Tensor? bias, Tensor target, Tensor state, Tensor coef, float? logit_scale, "
         "float? softcap, Tensor? target_raw=None) -> ()");
   m.def("target_logits(Tensor hidden, Tensor weight, Tensor target) -> Tensor");
+  m.def("accumulate_(Tensor(a!) dst, Tensor src, bool add) -> ()");
   // the same with the rows' softmax entropy (LossStats.entropy), computed only when asked
   m.def("lse_forward_entropy(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, Tensor valid, "
         "float? logit_scale, float? softcap, int chunk_rows, int chunk_cols, bool half_gemm=False) "
@@ -770,6 +793,7 @@ TORCH_LIBRARY_IMPL(fused_objectives, CPU, m) {
   m.impl("chunk_stats", &fused_objectives_cpu::chunk_stats);
   m.impl("chunk_grad_", &fused_objectives_cpu::chunk_grad_);
   m.impl("target_logits", &fused_objectives_cpu::target_logits);
+  m.impl("accumulate_", &fused_objectives_cpu::accumulate_);
   m.impl("lse_forward_entropy", &fused_objectives_cpu::lse_forward_entropy);
   m.impl("chunk_stats_entropy", &fused_objectives_cpu::chunk_stats_entropy);
 }

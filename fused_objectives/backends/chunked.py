@@ -84,8 +84,10 @@ def _forward_with_grad(hidden, weight, bias, target, valid, opts, coef_fn, needs
     # fp32 unless there is only one (then the GEMM's own output, accumulated in fp32 inside)
     dx = torch.zeros(N, H, dtype=cdt, device=dev) if need_dx else None
     dw = None
+    dw_fresh = False  # True until the first token chunk writes the fp32 dW (half precision: no zero fill)
     if need_dw and not (half and one_chunk):
-        dw = torch.zeros(V, H, dtype=f32, device=dev)
+        dw_fresh = half and n_act > 0
+        dw = (torch.empty if dw_fresh else torch.zeros)(V, H, dtype=f32, device=dev)
     db = torch.zeros(V, dtype=f32, device=dev) if need_db else None
     total = torch.zeros((), dtype=f32, device=dev)
     if n_act == 0:
@@ -153,7 +155,9 @@ def _forward_with_grad(hidden, weight, bias, target, valid, opts, coef_fn, needs
             else:
                 for v0 in range(0, V, slab):
                     v1 = min(V, v0 + slab)
-                    dw[v0:v1].add_(torch.mm(z[:, v0:v1].T, x, out=pbuf[:v1 - v0]))  # fp32 accumulation
+                    # fp32 accumulation, converting in the same pass (ATen's add_ converts into a temporary)
+                    ops.accumulate_(dw[v0:v1], torch.mm(z[:, v0:v1].T, x, out=pbuf[:v1 - v0]), not dw_fresh)
+                dw_fresh = False
         if need_db:
             db.add_(z.sum(dim=0))  # fp32 inside; half-precision: one rounding per chunk (a dtype= would copy z)
     if half and dw is not None and dw.dtype != cdt:
