@@ -12,19 +12,14 @@ import pytest
 import torch
 
 import fused_objectives as fo
+from truth import logits64
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
 def truth64(hidden, weight, target, bias, objective, reduction, softcap, logit_scale, ignore_index=-100):
     """The definition in float64: log_softmax of the (scaled, soft-capped) logits at the target."""
-    z = hidden.double() @ weight.double().T
-    if bias is not None:
-        z = z + bias.double()
-    if logit_scale is not None:
-        z = z * logit_scale
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
+    z = logits64(hidden, weight, bias, softcap=softcap, logit_scale=logit_scale)
     valid = target != ignore_index
     lp = torch.log_softmax(z, -1).gather(-1, target.clamp(min=0)[..., None])[..., 0]
     per = -lp if objective == "nll" else 1 - lp.exp()  # neg_p: 1 - p

@@ -15,6 +15,7 @@ import fused_objectives as fo
 from fused_objectives.backends import cpu as cpu_backend
 from fused_objectives.kernels import configs
 from helpers import make_inputs
+from truth import logits64, shifted
 
 KB = 1024
 BACKENDS = ["reference", "cpu", "triton", "triton_chunked", "triton_fused"]
@@ -55,15 +56,9 @@ def _inputs(case):
 
 def _truth(h, w, t, b, logit_scale=None, softcap=None, shift=False, ignore=IGNORE):
     """float64 ``(lse, entropy, argmax, valid, z)`` per position, on materialised logits."""
-    z = h.double() @ w.double().T
-    if b is not None:
-        z = z + b.double()
-    if logit_scale is not None:
-        z = z * logit_scale
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
+    z = logits64(h, w, b, softcap=softcap, logit_scale=logit_scale)
     if shift:
-        t = torch.cat([t[..., 1:], torch.full_like(t[..., :1], ignore)], dim=-1)
+        t = shifted(t, ignore)
     logq = torch.log_softmax(z, dim=-1)
     entropy = -(logq.exp() * logq).sum(dim=-1)
     return torch.logsumexp(z, dim=-1), entropy, z.argmax(dim=-1), t != ignore, z

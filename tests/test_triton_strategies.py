@@ -16,6 +16,7 @@ from fused_objectives.backends import triton_chunked
 from fused_objectives.kernels import configs
 from fused_objectives.kernels.common import tanh_sech2
 from helpers import make_inputs, naive_same_dtype
+from truth import logits64
 
 # CPU tensors under the interpreter; tests/test_gpu.py runs the strategies on CUDA
 pytestmark = pytest.mark.skipif(not configs.interpreting(), reason="needs TRITON_INTERPRET=1")
@@ -44,13 +45,7 @@ def truth(h, w, t, b=None, *, objective="nll", reduction="mean", normalize="vali
           logit_scale=None, upstream=None):
     hh, ww = h.double().requires_grad_(), w.double().requires_grad_()
     bb = b.double().requires_grad_() if b is not None else None
-    z = hh @ ww.T
-    if bb is not None:
-        z = z + bb
-    if logit_scale is not None:
-        z = z * logit_scale
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
+    z = logits64(hh, ww, bb, softcap=softcap, logit_scale=logit_scale)
     valid = t != -100
     l = torch.log_softmax(z, -1).gather(-1, torch.where(valid, t, 0)[:, None])[:, 0]
     f, gate = _f(objective, l)
@@ -127,13 +122,13 @@ def test_gradients_in_forward_every_objective_with_every_option(forward_with_gra
         assert 0 < n_kept < valid.sum()
 
 
-@pytest.mark.parametrize("backend", ["triton", "triton_chunked"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+# backend='triton' sends fp16 scalar losses to the per-token path (tested on its own below)
+@pytest.mark.parametrize("backend,dtype", [
+    ("triton", torch.float32), ("triton", torch.bfloat16),
+    ("triton_chunked", torch.float32), ("triton_chunked", torch.float16), ("triton_chunked", torch.bfloat16),
+], ids=["triton-fp32", "triton-bf16", "triton_chunked-fp32", "triton_chunked-fp16", "triton_chunked-bf16"])
 @pytest.mark.parametrize("normalize", ["valid", "kept"])
 def test_gradients_in_forward_dtypes(forward_with_grad_only, backend, dtype, normalize):
-    if backend == "triton" and dtype == torch.float16:
-        pytest.skip("backend='triton' routes fp16 scalar losses to the per-token path "
-                    "(test_triton_routes_fp16_scalar_losses_to_the_per_token_path)")
     h, w, t, b = make_inputs(N=50, H=32, V=97, bias=True, peaked=5.0, dtype=dtype)
     check(backend, h, w, t, b, objective="nll_top:0.3", normalize=normalize)
 
