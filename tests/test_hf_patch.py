@@ -57,6 +57,13 @@ def logits_objective(logits, labels, fn):
     return fn(lp[valid]).mean()
 
 
+def valid_logprobs64(logits, labels):
+    """float64 log p of every valid shifted label, from the model's own logits."""
+    target = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], 1)
+    valid = target != -100
+    return torch.log_softmax(logits.double(), -1).gather(-1, target.clamp(min=0)[..., None])[..., 0][valid]
+
+
 def test_import_does_not_import_transformers():
     code = "import sys, fused_objectives as fo; fo.patch_model; assert 'transformers' not in sys.modules, 'imported'"
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
@@ -300,19 +307,16 @@ def test_normalize_kept_value_and_gradient():
     inputs = batch(B=3, T=12)
     m.zero_grad(set_to_none=True)
     logits = m(input_ids=inputs["input_ids"]).logits
-    labels = inputs["labels"]
-    target = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], 1)
-    valid = target != -100
-    lp = torch.log_softmax(logits.double(), -1).gather(-1, target.clamp(min=0)[..., None])[..., 0][valid]
+    lp = valid_logprobs64(logits, inputs["labels"])
     ps = lp.detach().exp().sort().values
     k = ps.numel() // 2
     t = float((ps[k - 1] + ps[k]) / 2)  # keeps about half of the tokens, none of them near the edge
     kept = lp.detach().exp() >= t
-    assert 0 < kept.sum() < valid.sum()
+    assert 0 < kept.sum() < lp.numel()
     want_kept = (-lp * kept).sum() / kept.sum()
     want_kept.backward()
     g_want = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
-    want_valid = (-lp.detach() * kept).sum() / valid.sum()
+    want_valid = (-lp.detach() * kept).sum() / lp.numel()
     spec = f"nll_top:{t!r}"
     fo.patch_model(m, objective=spec, normalize="kept")
     out, g_got = loss_and_grads(m, inputs)
@@ -459,10 +463,7 @@ def test_trl_fused_lm_head_protocol_gets_the_objective():
     # loss and gradients (through the per-token backward) against neg_p on the model's own logits
     m.zero_grad(set_to_none=True)
     logits = m(input_ids=inputs["input_ids"]).logits
-    labels = inputs["labels"]
-    target = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], 1)
-    valid = target != -100
-    lp = torch.log_softmax(logits.double(), -1).gather(-1, target.clamp(min=0)[..., None])[..., 0][valid]
+    lp = valid_logprobs64(logits, inputs["labels"])
     want = (-torch.expm1(lp)).mean()
     want.backward()
     g_want = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
