@@ -333,19 +333,15 @@ def linear_objective_loss(
     second-order graph materialises fp32 ``[N, V]`` logits) and with ``backend="reference"``; a
     fused backend's scalar reductions compute the gradients in the forward and raise instead.
     """
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    if normalize not in _NORMALIZE:
-        raise ValueError(f"normalize must be one of {_NORMALIZE}, got {normalize!r}")
+    obj = validate_options(objective=objective, ignore_index=ignore_index, reduction=reduction,
+                           normalize=normalize, shift=shift, softcap=softcap, logit_scale=logit_scale,
+                           backend=backend, return_stats=return_stats)
     if num_items_in_batch is not None and reduction != "mean":
         raise ValueError(f"num_items_in_batch is the denominator of reduction='mean'; "
                          f"it cannot be combined with reduction={reduction!r}")
     if num_items_in_batch is not None and normalize == "kept":
         raise ValueError("num_items_in_batch (a count of valid tokens across micro-batches) cannot be "
                          "combined with normalize='kept'; use normalize='valid' or drop num_items_in_batch")
-    if not isinstance(return_stats, bool):
-        raise TypeError(f"return_stats must be a bool, got {type(return_stats).__name__}")
-    obj = get_objective(objective)
     h2, t1, valid, opts, impl, shape = _prepare(hidden, weight, target, bias, ignore_index, shift,
                                                 softcap, logit_scale, backend)
     items = _num_items(num_items_in_batch, hidden.device)
