@@ -193,6 +193,21 @@ def test_gate_catches_a_small_planted_error():
     assert not binputs.check(binputs.Result(gt.loss, None, gt.dw), gt, tol)[0]
 
 
+def test_reference_error_weighs_row_errors_as_the_gate_does():
+    """The tolerance scales the reference's error as check() weighs it: a worst row counts
+    ROW_FACTOR times less than a normwise error (else the normwise bound loosens by that factor)."""
+    inp = binputs.make_inputs(64, 16, 100, torch.float32, "cpu", 0.25)
+    gt = binputs.ground_truth(inp, "neg_p", None)
+    dx = gt.dx.clone()
+    norms = dx.norm(dim=1)
+    row = int(torch.where(norms > 0, norms, float("inf")).argmin())
+    dx[row] *= 1.01  # the smallest valid row 1% off: its row error dominates the normwise one
+    res = binputs.Result(gt.loss, dx, gt.dw)
+    errs = binputs.errors(res, gt)
+    assert errs["dx_rows"] > binputs.ROW_FACTOR * errs["dx"]
+    assert binputs.worst_error(res, gt) == pytest.approx(errs["dx_rows"] / binputs.ROW_FACTOR)
+
+
 GATE_CASES = {"plain": dict(), "bias": dict(bias=True), "scale+softcap": dict(logit_scale=0.7, softcap=6.0)}
 
 

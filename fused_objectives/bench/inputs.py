@@ -192,6 +192,12 @@ def tolerance(dtype: torch.dtype, reference_error: float, device=None) -> float:
     return max(floor, TOLERANCE_FACTOR * reference_error)
 
 
+def worst_error(res: Result, gt: Result) -> float:
+    """The largest error of ``res`` as :func:`check` weighs it (row errors divided by ``ROW_FACTOR``):
+    what :func:`tolerance` scales when ``res`` is the same-dtype reference's result."""
+    return check(res, gt, float("inf"))[1]
+
+
 def check(res: Result, gt: Result, tol: float) -> Tuple[bool, float, Dict[str, float]]:
     """``(passed, worst error, errors)``: every normwise error in :func:`errors` within ``tol`` and
     every row error within ``ROW_FACTOR * tol``; ``worst`` is the largest error in units of its

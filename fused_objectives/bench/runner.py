@@ -1,7 +1,7 @@
 """The sweep: shapes x token counts x objectives x ignored fractions x providers, one record per pass.
 
 For each configuration the inputs are made once, the float64 ground truth is computed once on them
-(or on their first ``check_tokens`` tokens for huge shapes), and every provider is checked against it
+(on every token, or on the first ``--check-tokens`` when given), and every provider is checked against it
 before it is timed.  On CPU each provider runs in a fresh process (its peak RSS is its own); on CUDA
 in this process (peak allocated memory is exact there).
 """
@@ -19,7 +19,7 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
-from .inputs import DTYPES, errors, ground_truth, make_inputs, run_once, tolerance
+from .inputs import DTYPES, ground_truth, make_inputs, run_once, tolerance, worst_error
 from .measure import CPU_TIME, PASSES, Measurement, finite, flops, measure, time_bare_gemms
 from .providers import Problem, Reference, get_provider
 from .report import short_reason
@@ -54,12 +54,6 @@ class Plan:
 
     def units(self) -> int:
         return len(self.shapes) * len(self.objectives) * len(self.ignored_fractions) * len(self.providers)
-
-
-def auto_check_tokens(tokens: int, vocab: int, device: str) -> int:
-    # the float64 truth is computed in bounded chunks over every token (inputs.ground_truth): check
-    # all of them, so a provider wrong on any chunk is caught
-    return tokens
 
 
 def _record(shape: Shape, plan: Plan, provider: str, objective: str, ignored: float, n_valid: int,
@@ -164,11 +158,13 @@ def _run_config(plan, shape, objective, ignored, device, dtype, tmp, say) -> Lis
     problem = Problem(objective, shape.softcap)
     inp = make_inputs(shape.tokens, shape.hidden, shape.vocab, dtype, device, ignored, plan.seed)
     n_valid = inp.n_valid
-    n_check = min(plan.check_tokens or auto_check_tokens(shape.tokens, shape.vocab, plan.device), shape.tokens)
+    # the float64 truth is computed in bounded chunks over every token (inputs.ground_truth): check
+    # all of them by default, so a provider wrong on any chunk is caught
+    n_check = min(plan.check_tokens or shape.tokens, shape.tokens)
     check_inp = inp.head(n_check)
     gt = ground_truth(check_inp, objective, shape.softcap)
     # the same-dtype reference's own error sets how close a provider must be (see inputs.tolerance)
-    ref_err = max(errors(run_once(Reference().build(device, dtype, problem), check_inp), gt).values())
+    ref_err = worst_error(run_once(Reference().build(device, dtype, problem), check_inp), gt)
     check_inp.hidden.grad = check_inp.weight.grad = None
     tol = tolerance(dtype, ref_err, device)
     gt_path = None
