@@ -5,17 +5,20 @@
 #
 # Budget (each step runs under `timeout` with its limit; the limits add up to the worst case):
 #   step                                                                  limit (s)
-#   0 wheels from .whl/ (liger, cce), device properties, clocks, versions   LIMIT_ENV     = 15
+#   0 wheels from .whl/ (liger, cce: pip install --no-index)                LIMIT_WHEELS  = 10
+#     device properties, clocks, versions                                   LIMIT_ENV     = 15
 #   1 tests/test_gpu.py only (compiles the Triton kernels; cached after)    LIMIT_TESTS   = 70
 #   2 benchmarks/gpu_micro.py: bare GEMMs, chunk GEMMs M=256/512/1024,      LIMIT_MICRO   = 35
 #     epilogue bandwidth (feeds the roofline)
-#   3 end to end, llama3-8b head N=8192 H=4096 V=128256 bf16, nll + neg_p,  LIMIT_E2E     = 110
+#   3 end to end, llama3-8b head N=8192 H=4096 V=128256 bf16, nll + neg_p,  LIMIT_E2E     = 95
 #     0% + 50% ignored: triton, triton_chunked, triton_fused, liger, cce
 #     = 4 configurations x <= 5 providers, 2 warm-up + <= 5 timed steps (<= 2 s each)
 #   4 the reference once (nll, 0% ignored: memory and time of eager fp32)   LIMIT_REF     = 25
 #   5 one torch.profiler kernel table (backend="triton", neg_p, fwd+bwd)     LIMIT_PROFILE = 20
-#   6 summary: goals, roofline with measured rates beside the measurements  LIMIT_SUMMARY = 15
-#   total worst case                                           15+70+35+110+25+20+15 = 290 s <= 300 s
+#   6 summary: goals, roofline with measured rates beside the measurements  LIMIT_SUMMARY = 30
+#     (three commands, a third of it each)
+#   total worst case                                     10+15+70+35+95+25+20+30 = 300 s <= 300 s
+# (each timed-out step gets 1 s more to exit: at most 308 s, under the device call's 330 s)
 # A step that hits its limit is stopped and the next one runs; every step appends to its files as it
 # goes (the bench rewrites its JSON after each configuration, the micro-benchmarks after each
 # measurement), so a timeout still leaves data.
@@ -34,9 +37,9 @@ cd "$(dirname "$0")/.."
 DRY=0
 [ "${1:-}" = "--dry-run" ] && DRY=1
 [ "${GPU_CHECK_DRY_RUN:-0}" = "1" ] && DRY=1
-LIMIT_ENV=${LIMIT_ENV:-15}; LIMIT_TESTS=${LIMIT_TESTS:-70}; LIMIT_MICRO=${LIMIT_MICRO:-35}
-LIMIT_E2E=${LIMIT_E2E:-110}; LIMIT_REF=${LIMIT_REF:-25}; LIMIT_PROFILE=${LIMIT_PROFILE:-20}
-LIMIT_SUMMARY=${LIMIT_SUMMARY:-15}
+LIMIT_WHEELS=${LIMIT_WHEELS:-10}; LIMIT_ENV=${LIMIT_ENV:-15}; LIMIT_TESTS=${LIMIT_TESTS:-70}
+LIMIT_MICRO=${LIMIT_MICRO:-35}; LIMIT_E2E=${LIMIT_E2E:-95}; LIMIT_REF=${LIMIT_REF:-25}
+LIMIT_PROFILE=${LIMIT_PROFILE:-20}; LIMIT_SUMMARY=${LIMIT_SUMMARY:-30}
 
 PY="${PYTHON:-python3}"
 if [ -z "${PYTHON:-}" ] && [ "$DRY" = 1 ] && [ -x .venv/bin/python ]; then PY=.venv/bin/python; fi
@@ -58,7 +61,7 @@ declare -A RC
 step() {
   local name=$1 limit=$2; shift 2
   say "step $name (limit ${limit}s): $*"
-  timeout -k 5 "$limit" "$@" >>"$LOG" 2>&1
+  timeout -k 1 "$limit" "$@" >>"$LOG" 2>&1
   RC[$name]=$?
   case ${RC[$name]} in
     0) say "step $name: ok" ;; 124|137) say "step $name: TIMED OUT after ${limit}s (partial results kept)" ;;
@@ -70,7 +73,7 @@ step() {
 if compgen -G ".whl/*.whl" >/dev/null; then
   if [ "$DRY" = 1 ]; then
     say "dry run: would install $(ls .whl/*.whl | xargs -n1 basename | tr '\n' ' ')into /tmp/site"
-  elif timeout "$LIMIT_ENV" "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  elif timeout -k 1 "$LIMIT_WHEELS" "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl >>"$LOG" 2>&1; then
     export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
     say "installed $(ls .whl/*.whl | xargs -n1 basename | tr '\n' ' ')"
@@ -197,6 +200,8 @@ PY
   [ "$DRY" = 1 ] && echo "DRY RUN on CPU (tiny shapes): tests the script, not a performance record"
   # one summary over both runs (the memory goal compares with the reference's peak)
   MERGED="${TMPDIR:-/tmp}/gpu_check_merged.json"
+  rm -f "$MERGED"  # never summarise an earlier run's records
+  SUM_EACH=$(( LIMIT_SUMMARY / 3 ))
   "$PY" - "$MERGED" "$OUTDIR/bench.json" "$OUTDIR/reference.json" <<'PY' 2>&1
 import json, os, sys
 data = None
@@ -210,14 +215,14 @@ for path in sys.argv[2:]:
 if data is not None:
     json.dump(data, open(sys.argv[1], "w"))
 PY
-  [ -f "$MERGED" ] && timeout "$LIMIT_SUMMARY" "$PY" benchmarks/summarize.py "$MERGED" 2>&1
+  [ -f "$MERGED" ] && timeout -k 1 "$SUM_EACH" "$PY" benchmarks/summarize.py "$MERGED" 2>&1
   if [ -f "$OUTDIR/bench.json" ]; then
     echo; echo "measured vs roofline (spec sheet):"
-    timeout "$LIMIT_SUMMARY" "$PY" benchmarks/roofline.py --bench "$OUTDIR/bench.json" 2>&1
+    timeout -k 1 "$SUM_EACH" "$PY" benchmarks/roofline.py --bench "$OUTDIR/bench.json" 2>&1
   fi
   if [ "$DRY" = 0 ] && [ -f "$OUTDIR/micro.json" ]; then
     echo; echo "roofline with the measured rates of micro.json:"
-    timeout "$LIMIT_SUMMARY" "$PY" benchmarks/roofline.py --gpu auto --measured "$OUTDIR/micro.json" 2>&1
+    timeout -k 1 "$SUM_EACH" "$PY" benchmarks/roofline.py --gpu auto --measured "$OUTDIR/micro.json" 2>&1
   fi
 } >"$OUTDIR/summary.txt"
 cat "$OUTDIR/summary.txt" | tee -a "$LOG"

@@ -19,7 +19,7 @@ FILES = {"run.log", "device.json", "tests.log", "micro.json", "bench.json", "ref
 def test_step_limits_fit_five_minutes_as_the_header_says():
     text = SCRIPT.read_text()
     limits = {k: int(v) for k, v in re.findall(r"(LIMIT_[A-Z0-9]+)=\$\{LIMIT_[A-Z0-9]+:-(\d+)\}", text)}
-    assert set(limits) == {"LIMIT_ENV", "LIMIT_TESTS", "LIMIT_MICRO", "LIMIT_E2E", "LIMIT_REF", "LIMIT_PROFILE",
+    assert set(limits) == {"LIMIT_WHEELS", "LIMIT_ENV", "LIMIT_TESTS", "LIMIT_MICRO", "LIMIT_E2E", "LIMIT_REF", "LIMIT_PROFILE",
                            "LIMIT_SUMMARY"}
     for name, value in limits.items():
         assert re.search(rf"{name}\s*=\s*{value}\b", text), f"header states another {name} than the default {value}"
