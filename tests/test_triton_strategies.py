@@ -165,6 +165,20 @@ def test_bad_dw_mode_is_a_clear_error(monkeypatch):
         fused("triton_chunked", h, w, t)
 
 
+@pytest.mark.parametrize("knob", ["SYNC_FREE", "LOGITS_FP32"])
+def test_bad_switches_are_clear_errors(monkeypatch, knob):
+    # "false" / "off" must not silently switch a costly mode on
+    env = f"FUSED_OBJECTIVES_{knob}"
+    h, w, t, _ = make_inputs(dtype=torch.bfloat16)  # fp16 scalar losses run in fp32: no logits dtype to choose
+    monkeypatch.setenv(env, "false")
+    with pytest.raises(ValueError, match=env):
+        fused("triton_chunked", h, w, t)
+    monkeypatch.delenv(env)
+    monkeypatch.setattr(triton_chunked, knob, "0")
+    with pytest.raises(TypeError, match=f"triton_chunked.{knob}"):
+        fused("triton_chunked", h, w, t)
+
+
 # ---------------------------------------------------------------- per-token path: slabs, no atomics
 
 

@@ -94,13 +94,24 @@ LOGITS_FP32: Optional[bool] = None
 CoefFn = Callable[[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
+def _switch(value, attr: str, env: str) -> bool:
+    """A boolean knob: the module attribute when set (a bool), else the environment variable
+    ("1" / "0", empty = off); anything else is an error rather than a silent "on"."""
+    if value is not None:
+        if not isinstance(value, bool):
+            raise TypeError(f"triton_chunked.{attr} must be None, True or False, got {value!r}")
+        return value
+    raw = os.environ.get(env, "0").strip()
+    if raw not in ("", "0", "1"):
+        raise ValueError(f"{env} must be '1' (on) or '0' / unset (off), got {raw!r}")
+    return raw == "1"
+
+
 def sync_free(device: torch.device) -> bool:
     """Whether calls on ``device`` skip the compaction (and so every host sync)."""
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return True
-    if SYNC_FREE is not None:
-        return bool(SYNC_FREE)
-    return os.environ.get("FUSED_OBJECTIVES_SYNC_FREE", "0") not in ("", "0")
+    return _switch(SYNC_FREE, "SYNC_FREE", "FUSED_OBJECTIVES_SYNC_FREE")
 
 
 def dw_accumulate() -> str:
@@ -115,9 +126,7 @@ def logits_fp32(dtype: torch.dtype) -> bool:
     """Whether logits of ``dtype`` inputs are kept in fp32 (always for fp32 inputs)."""
     if dtype == torch.float32:
         return True
-    if LOGITS_FP32 is not None:
-        return bool(LOGITS_FP32)
-    return os.environ.get("FUSED_OBJECTIVES_LOGITS_FP32", "0") not in ("", "0")
+    return _switch(LOGITS_FP32, "LOGITS_FP32", "FUSED_OBJECTIVES_LOGITS_FP32")
 
 
 def _bytes_per_logit(dtype: torch.dtype) -> int:
@@ -270,7 +279,8 @@ class TritonChunkedBackend:
         # NaN coefficients stay active, so NaN reaches the gradients
         sel_rows = _Rows(coef != 0, compact=not sync_free(dev))
         n = sel_rows.count
-        dw = torch.zeros(V, H, dtype=weight.dtype, device=dev) if need_dw else None
+        # with active rows, each slab's first row chunk writes its dW rows: no zero fill
+        dw = (torch.empty if n else torch.zeros)(V, H, dtype=weight.dtype, device=dev) if need_dw else None
         db32 = torch.zeros(V, dtype=f32, device=dev) if need_db else None
         dx32 = torch.zeros(n, H, dtype=f32, device=dev) if need_dx else None
         if n:
@@ -349,10 +359,13 @@ class TritonChunkedBackend:
         dx = alloc(N, H, dtype=dt, device=dev) if need_dx else None
         mode = dw_accumulate()
         dw_fp32 = need_dw and dt != f32 and mode == "fp32"
-        dw = torch.zeros(V, H, dtype=f32 if dw_fp32 else dt, device=dev) if need_dw else None
         db = torch.zeros(V, dtype=f32, device=dev) if need_db else None
 
         sel_rows = _Rows(valid, compact=compact)
+        # with rows to process, the first chunk writes dW (input dtype): no zero fill to read back
+        dw_fresh = need_dw and sel_rows.count > 0 and not dw_fp32
+        dw_alloc = torch.empty if dw_fresh else torch.zeros
+        dw = dw_alloc(V, H, dtype=f32 if dw_fp32 else dt, device=dev) if need_dw else None
         rows = min(max(sel_rows.count, 1), chunk_rows(V, dt))
         buf = _Buffers(dt, rows * V, dev) if sel_rows.count else None
         for sel, n in sel_rows.chunks(rows):
@@ -382,6 +395,9 @@ class TritonChunkedBackend:
             if need_dw:
                 if dw_fp32:
                     _add_fp32(dw, dz.T, x)
+                elif dw_fresh:
+                    torch.mm(dz.T, x, out=dw)
+                    dw_fresh = False
                 else:
                     dw.addmm_(dz.T, x)
             if need_db:
