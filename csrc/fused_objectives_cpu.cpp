@@ -536,6 +536,28 @@ Stats4 lse_forward_entropy(
 
 using OptTensor = std::optional<at::Tensor>;
 
+// dst (fp32) = or += src (any GEMM dtype), converting on the fly: one vectorised pass where ATen's
+// mixed-dtype add_ converts into a temporary first (the token chunks' half-precision dW products).
+void accumulate_(const at::Tensor& dst, const at::Tensor& src, bool add) {
+  TORCH_CHECK(dst.scalar_type() == at::kFloat && dst.is_contiguous(), "accumulate_: dst must be contiguous fp32");
+  TORCH_CHECK(src.is_contiguous() && src.sizes() == dst.sizes(), "accumulate_: src must be contiguous, shaped like dst");
+  const int64_t n = dst.numel();
+  float* d = dst.data_ptr<float>();
+  dispatch_dtype(src.scalar_type(), [&](auto ts) {
+    using T = decltype(ts);
+    const T* p = static_cast<const T*>(src.data_ptr());
+    at::parallel_for(0, n, 1 << 16, [&](int64_t lo, int64_t hi) {
+      if (add) {
+#pragma omp simd
+        for (int64_t i = lo; i < hi; ++i) d[i] += to_f(p[i]);
+      } else {
+#pragma omp simd
+        for (int64_t i = lo; i < hi; ++i) d[i] = to_f(p[i]);
+      }
+    });
+  });
+}
+
 std::tuple<OptTensor, OptTensor, OptTensor> grad_backward(
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& target, const at::Tensor& state, const at::Tensor& coef, std::optional<double> logit_scale,
@@ -617,7 +639,7 @@ std::tuple<OptTensor, OptTensor, OptTensor> grad_backward(
             } else {
               at::Tensor t = tbuf.narrow(0, 0, rows * H).view({rows, H});
               at::mm_out(t, g, w);
-              if (identity) dx_acc.narrow(0, r0, rows).add_(t);
+              if (identity) accumulate_(dx_acc.narrow(0, r0, rows), t, true);
               else scatter_add_rows(static_cast<const T*>(t.data_ptr()), rows, H, idx_p + r0, dx_acc.data_ptr<float>());
             }
           }
@@ -628,7 +650,7 @@ std::tuple<OptTensor, OptTensor, OptTensor> grad_backward(
           } else {
             at::Tensor p = pbuf.narrow(0, 0, cols * H).view({cols, H});
             at::mm_out(p, g.t(), x);
-            dwv.add_(p);  // fp32 accumulation across token chunks
+            accumulate_(dwv, p, true);  // fp32 accumulation across token chunks
           }
         }
       }
@@ -736,28 +758,6 @@ void chunk_grad_(const at::Tensor& z, const std::optional<at::Tensor>& bias, con
       backward_epilogue<T, decltype(fb)::value, decltype(fs)::value, decltype(fk)::value>(
           static_cast<T*>(z.data_ptr()), rows, V, 0, tr, s, s + rows, s + 2 * rows, coef.data_ptr<float>(),
           target.data_ptr<int64_t>(), target_raw.has_value() ? target_raw->data_ptr<float>() : nullptr);
-    });
-  });
-}
-
-// dst (fp32) = or += src (any GEMM dtype), converting on the fly: one vectorised pass where ATen's
-// mixed-dtype add_ converts into a temporary first (the token chunks' half-precision dW products).
-void accumulate_(const at::Tensor& dst, const at::Tensor& src, bool add) {
-  TORCH_CHECK(dst.scalar_type() == at::kFloat && dst.is_contiguous(), "accumulate_: dst must be contiguous fp32");
-  TORCH_CHECK(src.is_contiguous() && src.sizes() == dst.sizes(), "accumulate_: src must be contiguous, shaped like dst");
-  const int64_t n = dst.numel();
-  float* d = dst.data_ptr<float>();
-  dispatch_dtype(src.scalar_type(), [&](auto ts) {
-    using T = decltype(ts);
-    const T* p = static_cast<const T*>(src.data_ptr());
-    at::parallel_for(0, n, 1 << 16, [&](int64_t lo, int64_t hi) {
-      if (add) {
-#pragma omp simd
-        for (int64_t i = lo; i < hi; ++i) d[i] += to_f(p[i]);
-      } else {
-#pragma omp simd
-        for (int64_t i = lo; i < hi; ++i) d[i] = to_f(p[i]);
-      }
     });
   });
 }
