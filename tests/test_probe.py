@@ -91,6 +91,16 @@ def test_transforms_read_from_config(tok):
         assert route.logit_scale == pytest.approx(scale) if scale else route.logit_scale is None
 
 
+def test_transforms_read_like_the_training_patch(tok):
+    """The probe reads the config's logit transforms with the training patch's own reader: Falcon-H1's
+    lm_head_multiplier and RecurrentGemma's logits_soft_cap too (the probe's old copy ignored them)."""
+    model = make_tiny.make_model(tok)
+    model.config.lm_head_multiplier = 0.5
+    model.config.logits_soft_cap = 7.0
+    route = P._route(model)
+    assert route.logit_scale == pytest.approx(0.5) and route.softcap == pytest.approx(7.0)
+
+
 def test_peaked_model_and_cpu_chunks(tok):
     """A model that is confident (large logits): mean p far from uniform, split into small chunks."""
     model = make_tiny.make_model(tok)

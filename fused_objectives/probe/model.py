@@ -9,6 +9,7 @@ from typing import Any, Iterable, List, Mapping, Optional, Sequence
 import torch
 
 from ..functional import target_logprob
+from ..integrations.hf.head import _logit_transform
 from .continuum import DEFAULT_CUT_POINTS, _check_cut_points
 from .data import IGNORE_INDEX
 from .result import ProbeResult, summarise
@@ -24,12 +25,6 @@ class _Route:
     bias: Optional[torch.Tensor]
     softcap: Optional[float]
     logit_scale: Optional[float]
-
-
-def _number(x) -> Optional[float]:
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        return None
-    return float(x)
 
 
 def _route(model) -> _Route:
@@ -57,17 +52,8 @@ def _route(model) -> _Route:
         decoder = getattr(model, "model", None)
     if decoder is None or not callable(decoder) or decoder is model:
         raise ValueError(f"cannot probe {name}: no decoder found (model.get_decoder() / model.model)")
-    cfg = getattr(model, "config", None)
-    text = cfg.get_text_config() if cfg is not None and hasattr(cfg, "get_text_config") else cfg
-    softcap = _number(getattr(text, "final_logit_softcapping", None)) or None  # Gemma-2/3
-    scale = _number(getattr(model, "logit_scale", None))  # Cohere keeps it on the model
-    if scale is None:
-        scale = _number(getattr(text, "logit_scale", None))
-    divide = _number(getattr(text, "logits_scaling", None))  # Granite divides the logits
-    if divide is not None and divide != 1.0:
-        scale = (scale if scale is not None else 1.0) / divide
-    if scale == 1.0:
-        scale = None
+    # the same reading of the config as the training patch (the probe's check catches any other use)
+    scale, softcap = _logit_transform(model)
     return _Route(decoder, weight, bias, softcap, scale)
 
 
