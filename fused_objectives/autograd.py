@@ -17,13 +17,10 @@ silently ignores its own dependence on the inputs.
 """
 from __future__ import annotations
 
-from typing import Callable, Tuple
-
 import torch
 
-from .options import LogitOptions
+from .options import CoefFn, LogitOptions
 
-CoefFn = Callable[[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
 def objective_coefficients(objective) -> CoefFn:

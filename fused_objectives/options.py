@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional, Tuple
+
+import torch
 
 
 @dataclass(frozen=True)
@@ -27,3 +29,8 @@ class LogitOptions:
                 want = "a finite number > 0" if name == "softcap" else "a finite non-zero number"
                 raise ValueError(f"{name} must be {want}, got {value!r}")
             object.__setattr__(self, name, float(value))
+
+
+#: ``coef_fn(logp, valid) -> (sum of per-token losses, kept, dSum/dlogp)`` on one token chunk's
+#: ``[rows]`` vectors: how the autograd layer hands an objective to ``forward_with_grad`` backends.
+CoefFn = Callable[[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]

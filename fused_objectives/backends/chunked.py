@@ -16,13 +16,12 @@ each chunk's ``[rows]`` vectors, through autograd.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 
-from ..options import LogitOptions
+from ..options import CoefFn, LogitOptions
 
-CoefFn = Callable[[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
 def forward_with_grad(

@@ -72,12 +72,12 @@ coefficients (a GradScaler could not rescue it).  bf16 has fp32's range and stay
 from __future__ import annotations
 
 import os
-from typing import Callable, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 
 from ..kernels import configs
-from ..options import LogitOptions
+from ..options import CoefFn, LogitOptions
 from . import triton_common
 
 #: None: follow FUSED_OBJECTIVES_SYNC_FREE; True / False: force the sync-free / compacting mode.
@@ -91,7 +91,6 @@ MIN_SLAB_COLS = 256
 #: None: follow FUSED_OBJECTIVES_LOGITS_FP32; True: bf16/fp16 logits kept in fp32 (see the docstring).
 LOGITS_FP32: Optional[bool] = None
 
-CoefFn = Callable[[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
 def _switch(value, attr: str, env: str) -> bool:

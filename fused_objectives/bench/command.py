@@ -214,8 +214,6 @@ class _Progress:
         if not self.quiet:
             print(f"[{self.done}/{self.total} {now - self.t0:4.0f}s{self._eta()}] {line}", file=sys.stderr, flush=True)
 
-    def close(self):
-        pass
 
 
 def run(args: argparse.Namespace, parser: Optional[argparse.ArgumentParser] = None) -> int:
