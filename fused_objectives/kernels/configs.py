@@ -77,6 +77,9 @@ ENTROPY_FORWARD_CONFIGS = {
 # The soft-capped half-precision forward on sm_90a: 128-row tiles spilled 16 B (255 registers,
 # Triton 3.9); the 64-row entropy tile does not.
 SOFTCAP_FORWARD_CONFIGS = {("half", 90): FORWARD_ENTROPY_HALF}
+# The backward with the lse / dot coefficients (HAS_B, HAS_DOT: z-loss, label smoothing), where the
+# classic config spills with them.
+TERMS_BACKWARD_CONFIGS = {}
 INTERPRET = KernelConfig(block_n=16, block_v=32, block_h=16, num_warps=1, num_stages=1)
 
 # Row kernels: one logits row (or a few under the interpreter) per program, streaming the vocabulary.
@@ -125,15 +128,17 @@ def capability_of(device) -> Optional[Tuple[int, int]]:
 
 
 def forward_config(dtype=None, capability: Optional[Tuple[int, int]] = None,
-                   tf32: Optional[bool] = None, entropy: bool = False, softcap: bool = False) -> KernelConfig:
+                   tf32: Optional[bool] = None, entropy: bool = False, softcap: bool = False,
+                   dot: bool = False) -> KernelConfig:
     """The fused forward's config for inputs of ``dtype`` on a GPU of ``capability`` (default: the
     current device's) with TF32 dots or not (default: PyTorch's fp32 matmul setting); ``entropy``:
-    the variant that also accumulates the rows' entropy (``ENTROPY_FORWARD_CONFIGS``); ``softcap``:
-    the soft-capped variant (``SOFTCAP_FORWARD_CONFIGS``)."""
+    the variant that also accumulates the rows' entropy (``ENTROPY_FORWARD_CONFIGS``); ``dot``: the
+    one that accumulates ``sum_j u_j z_j`` (``DOT_FORWARD_CONFIGS``); ``softcap``: the soft-capped
+    variant (``SOFTCAP_FORWARD_CONFIGS``)."""
     if interpreting():
         return INTERPRET
     kind, arch = _kind(dtype, tf32), _arch(capability)
-    if entropy and (kind, arch) in ENTROPY_FORWARD_CONFIGS:
+    if (entropy or dot) and (kind, arch) in ENTROPY_FORWARD_CONFIGS:
         return ENTROPY_FORWARD_CONFIGS[(kind, arch)]
     if softcap and (kind, arch) in SOFTCAP_FORWARD_CONFIGS:
         return SOFTCAP_FORWARD_CONFIGS[(kind, arch)]
@@ -141,11 +146,15 @@ def forward_config(dtype=None, capability: Optional[Tuple[int, int]] = None,
 
 
 def backward_config(dtype=None, capability: Optional[Tuple[int, int]] = None,
-                    tf32: Optional[bool] = None) -> KernelConfig:
-    """The fused backward's config (see :func:`forward_config`)."""
+                    tf32: Optional[bool] = None, terms: int = 1) -> KernelConfig:
+    """The fused backward's config (see :func:`forward_config`); ``terms``: coefficient rows (1: c,
+    2: c and b, 3: c, b and g with the dot vector), see ``TERMS_BACKWARD_CONFIGS``."""
     if interpreting():
         return INTERPRET
-    return FUSED_CONFIGS[("backward", _kind(dtype, tf32), _arch(capability))]
+    kind, arch = _kind(dtype, tf32), _arch(capability)
+    if terms > 1 and (kind, arch) in TERMS_BACKWARD_CONFIGS:
+        return TERMS_BACKWARD_CONFIGS[(kind, arch)]
+    return FUSED_CONFIGS[("backward", kind, arch)]
 
 
 def rows_config() -> RowConfig:

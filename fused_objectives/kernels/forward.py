@@ -1,4 +1,5 @@
-"""Forward kernel: per-token logsumexp, target logit and argmax, logits never leaving the chip.
+"""Forward kernel: per-token logsumexp, target logit and argmax (optionally the softmax entropy and
+``dotz = sum_j u_j z_j`` for a given [V] vector ``u``), logits never leaving the chip.
 
 Grid: (token blocks, vocabulary splits).  Each program streams the vocabulary tiles of its split,
 computing each ``[BLOCK_N, BLOCK_V]`` logits tile with ``tl.dot`` over H and merging it into an
@@ -21,7 +22,7 @@ from .common import logits_tile
 def lse_fwd_kernel(
     # pointers
     x_ptr, w_ptr, b_ptr, tgt_ptr, row_idx_ptr, n_active_ptr,
-    m_ptr, rest_ptr, amax_ptr, tlogit_ptr, sent_ptr,
+    m_ptr, rest_ptr, amax_ptr, tlogit_ptr, sent_ptr, dot_ptr, sdot_ptr,
     # sizes
     V, H, v_per_split,
     # strides
@@ -30,7 +31,7 @@ def lse_fwd_kernel(
     logit_scale, softcap,
     # meta-parameters
     HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
-    ENTROPY: tl.constexpr,
+    ENTROPY: tl.constexpr, HAS_DOT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     pid_n = tl.program_id(0).to(tl.int64)
@@ -54,6 +55,8 @@ def lse_fwd_kernel(
     tlogit = tl.zeros((BLOCK_N,), dtype=tl.float32)
     # ENTROPY: s = sum of exp(z - m) * (z - m), rescaled with m like rest (the argmax's term is 0)
     s = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    # HAS_DOT: sd = sum of u_j * z_j (linear in z: no rescaling, the splits' partial sums just add)
+    sd = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for v0 in range(v_lo, v_hi, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         vmask = offs_v < v_hi
@@ -61,6 +64,9 @@ def lse_fwd_kernel(
         z, _t = logits_tile(x_ptr, w_ptr, b_ptr, tok, rmask, offs_v, vmask,
                             H, stride_xn, stride_xh, stride_wv, stride_wh, logit_scale, softcap,
                             HAS_BIAS, HAS_SCALE, HAS_SOFTCAP, DOT_FP32, PRECISION, BLOCK_N, BLOCK_V, BLOCK_H)
+        if HAS_DOT:
+            u = tl.load(dot_ptr + offs_v, mask=vmask, other=0.0)
+            sd += tl.sum(tl.where(vmask[None, :], z * u[None, :], 0.0), axis=1)
         z = tl.where(vmask[None, :], z, float("-inf"))
         # NaN logits reach the loss through the exp-sum below; max/argmax skip them (as the GPU does)
         z_ord = tl.where(z == z, z, float("-inf"))
@@ -89,6 +95,8 @@ def lse_fwd_kernel(
     tl.store(amax_ptr + part, amax, mask=rmask)
     if ENTROPY:
         tl.store(sent_ptr + part, s, mask=rmask)
+    if HAS_DOT:
+        tl.store(sdot_ptr + part, sd, mask=rmask)
     # the one split whose range holds the target writes its logit (never for out-of-range targets)
     tl.store(tlogit_ptr + tok, tlogit, mask=rmask & (tgt >= v_lo) & (tgt < v_hi))
 
@@ -102,20 +110,25 @@ def fused_forward(
     opts: LogitOptions,
     dot_fp32: bool,
     entropy: bool = False,
+    dot: Optional[torch.Tensor] = None,
 ):
-    """``(logp [N] f32, lse_state [3, N] f32, argmax [N] int64)`` for 2-D ``hidden`` [N, H], plus
-    the rows' softmax entropy [N] as a fourth value when ``entropy`` (a compile-time branch).
+    """``(logp [N] f32, lse_state [3, N] f32, argmax [N] int64, rows [3, N] f32)`` for 2-D ``hidden``
+    [N, H].
 
     ``lse_state`` holds the row max ``m``, ``log(sum(exp(z - m)))`` and ``logp``: kept apart,
     ``z - m`` stays exact, so ``p`` near 1 (and ``1 - p`` in the gradient) keeps fp32 accuracy even
-    when the logsumexp itself is large.  Rows where ``valid`` is False are not computed (their outputs are
-    unspecified); a valid token whose target is outside ``[0, V)`` gets a NaN log-probability.
+    when the logsumexp itself is large.  ``rows`` = (logsumexp, softmax entropy, ``sum_j dot_j z_j``):
+    the entropy only when ``entropy`` and the dot product only when ``dot`` ([V] float32) is given
+    (compile-time branches; otherwise those rows hold NaN and cost nothing).  Rows where
+    ``valid`` is False are not computed (their outputs are unspecified); a valid token whose target is
+    outside ``[0, V)`` gets a NaN log-probability.
     """
     N, H = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
+    has_dot = dot is not None
     cfg = configs.forward_config(hidden.dtype, configs.capability_of(hidden.device), entropy=entropy,
-                                 softcap=opts.softcap is not None)
+                                 softcap=opts.softcap is not None, dot=has_dot)
     # valid tokens first; the kernels read the count from device memory (no host sync)
     row_idx = torch.argsort((~valid).to(torch.int8), stable=True)
     n_active = valid.sum(dtype=torch.int32).reshape(1)
@@ -131,16 +144,20 @@ def fused_forward(
     amax = torch.zeros((splits, N), dtype=torch.int64, device=dev)
     tlogit = torch.full((N,), float("nan"), dtype=torch.float32, device=dev)
     sent = torch.zeros((splits, N), dtype=torch.float32, device=dev) if entropy else None
+    sdot = torch.zeros((splits, N), dtype=torch.float32, device=dev) if has_dot else None
+    if has_dot:
+        dot = dot.to(device=dev, dtype=torch.float32).contiguous()
     if N > 0:
         lse_fwd_kernel[(n_blocks, splits)](
             hidden, weight, bias if bias is not None else hidden, target, row_idx, n_active,
             m, rest, amax, tlogit, sent if entropy else tlogit,
+            dot if has_dot else tlogit, sdot if has_dot else tlogit,
             V, H, v_per_split,
             hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), N,
             opts.logit_scale or 1.0, opts.softcap or 1.0,
             HAS_BIAS=bias is not None, HAS_SCALE=opts.logit_scale is not None,
             HAS_SOFTCAP=opts.softcap is not None, DOT_FP32=dot_fp32, PRECISION=configs.dot_precision(hidden.dtype),
-            ENTROPY=entropy,
+            ENTROPY=entropy, HAS_DOT=has_dot,
             BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
@@ -164,6 +181,11 @@ def fused_forward(
     log_norm = torch.log1p(rest_all)
     logp = (tlogit - m_all) - log_norm
     state = torch.stack([m_all, log_norm, logp])
+    rows = torch.full((3, N), float("nan"), dtype=torch.float32, device=dev)  # NaN where not computed
+    torch.add(m_all, log_norm, out=rows[0])
     if entropy:
-        return logp, state, argmax, log_norm - s_all / (rest_all + 1.0)
-    return logp, state, argmax
+        torch.sub(log_norm, s_all / (rest_all + 1.0), out=rows[1])
+    if has_dot:
+        # dotz is linear in z: the splits' partial sums add (empty splits hold 0)
+        torch.sum(sdot, dim=0, out=rows[2])
+    return logp, state, argmax, rows
