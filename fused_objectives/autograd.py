@@ -1,13 +1,17 @@
-"""The autograd layer: fused target log-probabilities, differentiable, and the summed objective
-with its gradients computed in the forward.
+"""The autograd layer: fused per-token row statistics, differentiable, and the summed loss with its
+gradients computed in the forward.
 
-``TargetLogprobFunction`` returns ``logp_i = z_i[y_i] - logsumexp(z_i)`` per token; its backward
-receives ``dLoss/dlogp`` (any per-token vector: objectives, gates, reductions and per-token upstream
-gradients all arrive here through ordinary autograd) and hands it to the backend as the per-token
-coefficient of ``dz = c * (onehot - softmax)``.
+Every loss this package computes is a function of three per-token statistics of the final logits
+``z`` (see ``backends/__init__.py``): ``logp_i = z_i[y_i] - lse_i``, ``lse_i = logsumexp(z_i)`` and,
+with a dot vector ``u`` (label smoothing), ``dotz_i = u . z_i``.  ``TargetLogprobFunction`` returns
+them per token; its backward receives ``dLoss/dlogp``, ``dLoss/dlse`` and ``dLoss/ddotz`` (any
+per-token vectors: objectives, gates, loss terms, reductions and per-token upstream gradients all
+arrive here through ordinary autograd) and hands them to the backend as the per-token coefficients
+of ``dz = c (onehot - p) + b p + g u``.
 
 ``ObjectiveSumFunction`` is the scalar-loss path for backends that offer ``forward_with_grad``:
-``objective_coefficients`` turns the objective into the per-chunk ``coef_fn`` those backends call.
+``objective_coefficients`` turns the objective and the loss terms into the per-chunk ``coef_fn``
+those backends call.
 
 Double backward (``create_graph=True``, e.g. a gradient penalty): the per-token path supports it by
 recomputing its gradient with differentiable PyTorch ops on materialised ``[N, V]`` fp32 logits
@@ -17,26 +21,86 @@ silently ignores its own dependence on the inputs.
 """
 from __future__ import annotations
 
+from typing import Optional, Tuple
+
 import torch
 
-from .options import CoefFn, LogitOptions
+from .options import CoefFn, LogitOptions, LossTerms
 
 
+def dot_vector(terms: LossTerms, vocab: int, device: torch.device) -> Optional[torch.Tensor]:
+    """The ``[V]`` float32 dot vector ``u`` of label smoothing (the class weights, else ones), or
+    None when the loss does not need ``dotz`` (no label smoothing)."""
+    if terms.label_smoothing == 0:
+        return None
+    if terms.class_weight is not None:
+        return terms.class_weight.detach().to(device=device, dtype=torch.float32).contiguous()
+    return torch.ones(vocab, dtype=torch.float32, device=device)
 
-def objective_coefficients(objective) -> CoefFn:
-    """``coef_fn(logp, valid) -> (sum of per-token losses, kept, dSum/dlogp)`` for one chunk of
-    ``[rows]`` vectors, all detached: what ``forward_with_grad`` backends call per token chunk."""
 
-    def coef_fn(logp: torch.Tensor, valid: torch.Tensor):
+def token_terms(per_tok: torch.Tensor, kept: torch.Tensor, valid: torch.Tensor, lse: Optional[torch.Tensor],
+                dotz: Optional[torch.Tensor], target: torch.Tensor, terms: LossTerms, vocab: int,
+                dot_sum) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``(objective part, z-loss part)`` of the per-token losses (z part None without ``z_loss``):
+
+    ``objective part = (1 - eps) * w_y * objective + kept * (eps / V) * (sum(u) * lse - dotz)``
+    (``w_y`` = ``class_weight[target]``, 1 without; the smoothing term is ``-(eps / V) sum_j u_j
+    log p_j``, as ``F.cross_entropy`` defines it), ``z part = valid * z_loss * lse**2``.
+    ``per_tok`` is the objective's per-token loss (0 where not kept)."""
+    out = per_tok
+    if terms.class_weight is not None:
+        safe_t = torch.where(valid, target, torch.zeros_like(target))
+        w = terms.class_weight.detach().to(device=per_tok.device, dtype=per_tok.dtype)[safe_t]
+        out = out * torch.where(valid, w, torch.zeros_like(w))
+    eps = terms.label_smoothing
+    if eps != 0:
+        smooth = (eps / vocab) * (dot_sum * lse - dotz)
+        out = (1.0 - eps) * out + torch.where(kept, smooth, torch.zeros_like(smooth))
+    z_part = None
+    if terms.z_loss != 0:
+        zl = terms.z_loss * lse * lse
+        z_part = torch.where(valid, zl, torch.zeros_like(zl))
+    return out, z_part
+
+
+def _dot_sum(terms: LossTerms, dot: Optional[torch.Tensor], vocab: int):
+    """``sum(u)``: V exactly for the uniform smoothing, a float64 sum of the class weights else."""
+    if dot is None:
+        return None
+    if terms.class_weight is None:
+        return float(vocab)
+    return terms.class_weight.detach().to(dtype=torch.float64, device=dot.device).sum()
+
+
+def objective_coefficients(objective, terms: LossTerms = LossTerms(), vocab: int = 0,
+                           dot: Optional[torch.Tensor] = None) -> CoefFn:
+    """``coef_fn(logp, lse, dotz, target, valid) -> (sum of per-token losses, kept, coef)`` for one
+    chunk of ``[rows]`` vectors, all detached: what ``forward_with_grad`` backends call per token
+    chunk.  ``coef`` is ``dSum/dlogp`` ``[rows]`` without loss terms, with ``dSum/dlse`` stacked
+    under it with ``z_loss`` or label smoothing, and ``dSum/ddotz`` with label smoothing."""
+    use_lse = terms.z_loss != 0 or terms.label_smoothing != 0
+    use_dot = terms.label_smoothing != 0
+    dot_sum = _dot_sum(terms, dot, vocab)
+
+    def coef_fn(logp: torch.Tensor, lse: torch.Tensor, dotz: Optional[torch.Tensor] = None,
+                target: Optional[torch.Tensor] = None, valid: Optional[torch.Tensor] = None):
+        if valid is None:  # TRANSITION (removed once every backend calls the five-argument form)
+            if use_lse or terms.class_weight is not None:
+                raise NotImplementedError("this backend does not support the loss terms yet")
+            valid, lse = lse, None
         with torch.enable_grad():
             lp = logp.detach().requires_grad_()
+            ls = lse.detach().float().requires_grad_() if use_lse else None
+            dz = dotz.detach().float().requires_grad_() if use_dot else None
             per_tok, kept = objective.per_token(lp, valid)
-            total = per_tok.sum()
-            (grad,) = torch.autograd.grad(total, lp, allow_unused=True)
-        if grad is None:
-            grad = torch.zeros_like(lp)
+            obj_tok, z_tok = token_terms(per_tok, kept, valid, ls, dz, target, terms, vocab, dot_sum)
+            total = obj_tok.sum() if z_tok is None else obj_tok.sum() + z_tok.sum().to(obj_tok.dtype)
+            leaves = [t for t in (lp, ls, dz) if t is not None]
+            grads = torch.autograd.grad(total, leaves, allow_unused=True) if total.requires_grad else [None] * len(leaves)
         # the backends' contract is float32 (an objective's own float64 tensors could promote)
-        return total.detach().float(), kept, grad.float()
+        grads = [torch.zeros_like(t) if g is None else g.float() for t, g in zip(leaves, grads)]
+        coef = grads[0] if len(grads) == 1 else torch.stack(grads)
+        return total.detach().float(), kept, coef
 
     return coef_fn
 
@@ -45,15 +109,27 @@ def _backend_name(backend) -> str:
     return getattr(backend, "name", type(backend).__name__)
 
 
-def _differentiable_grads(hidden, weight, bias, target, valid, coef, opts, needs):
-    """Gradients of ``sum(coef * logp)`` as a graph (for double backward): PyTorch ops on
-    materialised fp32 logits, so autograd can differentiate them again."""
+def _rows3(rows: Optional[torch.Tensor], n: int, device) -> torch.Tensor:
+    if rows is not None and rows.shape[0] == 3:
+        return rows
+    out = torch.zeros(3, n, dtype=torch.float32, device=device)
+    if rows is not None:
+        out[:rows.shape[0]] = rows
+    return out
+
+
+def _differentiable_grads(hidden, weight, bias, target, valid, coef, opts, needs, dot):
+    """Gradients of ``sum(c logp + b lse + g dotz)`` as a graph (for double backward): PyTorch ops
+    on materialised fp32 logits, so autograd can differentiate them again."""
     from .backends import reference
 
     wanted = [(i, t) for i, (t, n) in enumerate(zip((hidden, weight, bias), needs)) if n and t is not None]
     with torch.enable_grad():
-        logp, _ = reference.target_logprob(hidden, weight, bias, target, valid, opts)
-        grads = torch.autograd.grad(logp, [t for _, t in wanted], coef, create_graph=True, allow_unused=True)
+        logp, lse, dotz, *_ = reference.target_logprob(hidden, weight, bias, target, valid, opts,
+                                                       dot=dot if coef.shape[0] == 3 else None)
+        outs = [logp, lse, dotz][:coef.shape[0]]
+        grads = torch.autograd.grad(outs, [t for _, t in wanted], list(coef.to(logp.dtype)), create_graph=True,
+                                    allow_unused=True)
     out = [None, None, None]
     for (i, t), g in zip(wanted, grads):
         out[i] = torch.zeros_like(t) if g is None else g
@@ -61,69 +137,89 @@ def _differentiable_grads(hidden, weight, bias, target, valid, coef, opts, needs
 
 
 class TargetLogprobFunction(torch.autograd.Function):
-    """``(logp, hit)``; with ``row_stats=True`` also ``(argmax [N], rows [2, N] = (lse, entropy))``
-    from the backend's same forward pass (rows of invalid tokens unspecified)."""
+    """``(logp, lse, dotz, hit, argmax, entropy)`` [N] each, from one backend forward pass:
+    ``logp``, ``lse`` and ``dotz`` (with ``dot``; an empty tensor without) are differentiable; the
+    entropy row is computed only with ``row_stats`` (else unspecified).  Rows of invalid tokens: 0
+    for the differentiable three, unspecified for the entropy."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, target, valid, opts: LogitOptions, backend, row_stats=False):
-        if row_stats:
-            logp, state, argmax, rows = backend.forward(hidden, weight, bias, target, valid, opts, row_stats=True)
-        else:
-            logp, state, argmax = backend.forward(hidden, weight, bias, target, valid, opts)
-        logp = torch.where(valid, logp, torch.zeros_like(logp))
+    def forward(ctx, hidden, weight, bias, target, valid, opts: LogitOptions, backend, row_stats=False, dot=None):
+        kw = {"row_stats": True} if row_stats else {}
+        if dot is not None:
+            kw["dot"] = dot
+        out = backend.forward(hidden, weight, bias, target, valid, opts, **kw)
+        logp, state, argmax = out[:3]
+        rows = _rows3(out[3] if len(out) > 3 else None, logp.shape[0], logp.device)
+        zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
+        logp = torch.where(valid, logp, zero)
+        lse = torch.where(valid, rows[0], zero)
+        dotz = torch.where(valid, rows[2], zero) if dot is not None else logp.new_empty(0)
         hit = valid & (argmax == target)
-        ctx.save_for_backward(hidden, weight, bias, target, valid, state)
+        ctx.save_for_backward(hidden, weight, bias, target, valid, state, dot)
         ctx.opts, ctx.backend = opts, backend
-        if row_stats:
-            ctx.mark_non_differentiable(hit, argmax, rows)
-            return logp, hit, argmax, rows
-        ctx.mark_non_differentiable(hit)
-        return logp, hit
+        ctx.set_materialize_grads(False)
+        ent = rows[1].clone()
+        ctx.mark_non_differentiable(hit, argmax, ent)
+        return logp, lse, dotz, hit, argmax, ent
 
     @staticmethod
-    def backward(ctx, grad_logp, _grad_hit, *_grad_rows):
-        hidden, weight, bias, target, valid, state = ctx.saved_tensors
+    def backward(ctx, g_logp, g_lse, g_dotz, *_rest):
+        hidden, weight, bias, target, valid, state, dot = ctx.saved_tensors
         needs = tuple(ctx.needs_input_grad[:3])
-        if grad_logp is None or not any(needs):
-            return None, None, None, None, None, None, None, None
-        coef = torch.where(valid, grad_logp.float(), torch.zeros_like(grad_logp, dtype=torch.float32))
+        if not any(needs) or (g_logp is None and g_lse is None and g_dotz is None):
+            return None, None, None, None, None, None, None, None, None
+        n = valid.shape[0]
+        zero = torch.zeros(n, dtype=torch.float32, device=valid.device)
+
+        def masked(g):
+            return zero if g is None else torch.where(valid, g.float(), zero)
+
+        if g_dotz is not None and dot is not None:
+            coef = torch.stack([masked(g_logp), masked(g_lse), masked(g_dotz)])
+        elif g_lse is not None:
+            coef = torch.stack([masked(g_logp), masked(g_lse)])
+        else:
+            coef = masked(g_logp)
         if torch.is_grad_enabled():
             # create_graph=True: the fused kernels' gradient is not itself differentiable
-            dx, dw, db = _differentiable_grads(hidden, weight, bias, target, valid, coef, ctx.opts, needs)
-        else:
+            dx, dw, db = _differentiable_grads(hidden, weight, bias, target, valid, coef.reshape(-1, n), ctx.opts,
+                                               needs, dot)
+        elif coef.dim() == 1:
             dx, dw, db = ctx.backend.backward(hidden, weight, bias, target, state, coef.contiguous(), ctx.opts, needs)
-        return dx, dw, db, None, None, None, None, None
+        else:
+            kw = {"dot": dot} if coef.shape[0] == 3 else {}
+            dx, dw, db = ctx.backend.backward(hidden, weight, bias, target, state, coef.contiguous(), ctx.opts,
+                                              needs, **kw)
+        return dx, dw, db, None, None, None, None, None, None
 
 
 class ObjectiveSumFunction(torch.autograd.Function):
-    """Summed objective with its gradients computed during the forward (backends that offer
+    """Summed loss with its gradients computed during the forward (backends that offer
     ``forward_with_grad``): used for scalar reductions only, where the upstream gradient is one
-    number that the backward multiplies in.  Returns ``(total, logp, kept, hit)``, and with
-    ``row_stats=True`` also ``(argmax, rows [2, N] = (lse, entropy))``; only ``total`` is
-    differentiable, and only once (see the module docstring)."""
+    number that the backward multiplies in.  Returns ``(total, logp, kept, hit, argmax, rows)``
+    with ``rows [3, N] = (lse, entropy, dotz)`` (entropy only with ``row_stats``, dotz only with
+    ``dot``); only ``total`` is differentiable, and only once (see the module docstring)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, target, valid, opts: LogitOptions, backend, coef_fn, row_stats=False):
+    def forward(ctx, hidden, weight, bias, target, valid, opts: LogitOptions, backend, coef_fn, row_stats=False,
+                dot=None):
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
-        if row_stats:
-            total, logp, kept, argmax, dx, dw, db, rows = backend.forward_with_grad(
-                hidden, weight, bias, target, valid, opts, coef_fn, needs, row_stats=True)
-        else:
-            total, logp, kept, argmax, dx, dw, db = backend.forward_with_grad(
-                hidden, weight, bias, target, valid, opts, coef_fn, needs)
+        kw = {"row_stats": True} if row_stats else {}
+        if dot is not None:
+            kw["dot"] = dot
+        out = backend.forward_with_grad(hidden, weight, bias, target, valid, opts, coef_fn, needs, **kw)
+        total, logp, kept, argmax, dx, dw, db = out[:7]
+        rows = _rows3(out[7] if len(out) > 7 else None, logp.shape[0], logp.device)
         hit = valid & (argmax == target)
         ctx.save_for_backward(dx, dw, db)
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.backend_name = _backend_name(backend)
         ctx.consumed = False
-        if row_stats:
-            ctx.mark_non_differentiable(logp, kept, hit, argmax, rows)
-            return total, logp, kept, hit, argmax, rows
-        ctx.mark_non_differentiable(logp, kept, hit)
-        return total, logp, kept, hit
+        ctx.mark_non_differentiable(logp, kept, hit, argmax, rows)
+        return total, logp, kept, hit, argmax, rows
 
     @staticmethod
-    def backward(ctx, grad_total, _g_logp, _g_kept, _g_hit, *_g_rows):
+    def backward(ctx, grad_total, *_rest):
         if torch.is_grad_enabled():
             raise RuntimeError(
                 f"double backward (create_graph=True, e.g. a gradient penalty) is not supported by "
@@ -143,4 +239,4 @@ class ObjectiveSumFunction(torch.autograd.Function):
         for g, dtype in zip(ctx.saved_tensors, ctx.dtypes):
             # in place: a gradient-sized copy here would be the largest extra buffer of the step
             grads.append(None if g is None else g.mul_(grad_total).to(dtype))
-        return (*grads, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None)

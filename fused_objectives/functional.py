@@ -13,10 +13,11 @@ from typing import Callable, Optional, Tuple, Union
 
 import torch
 
-from .autograd import ObjectiveSumFunction, TargetLogprobFunction, objective_coefficients
+from .autograd import ObjectiveSumFunction, TargetLogprobFunction, dot_vector, objective_coefficients, token_terms
+from .autograd import _dot_sum
 from .backends import REFERENCE, check_backend_name, reference, resolve_backend
 from .objectives import Objective, get_objective
-from .options import LogitOptions
+from .options import LogitOptions, LossTerms
 
 __all__ = ["linear_objective_loss", "target_logprob", "LossStats", "validate_options"]
 
@@ -37,7 +38,9 @@ class LossStats:
     and ``softcap``), from the same pass (no ``[N, V]`` tensor), shaped like ``target``:
     ``lse``: ``logsumexp(z)`` (0 at invalid positions); ``entropy``: the softmax entropy
     ``-sum_j p_j log p_j`` (0 at invalid positions); ``predicted``: the argmax id (first index of a
-    tie; ``ignore_index`` at invalid positions).  Also readable as a mapping: ``stats["accuracy"]``.
+    tie; ``ignore_index`` at invalid positions).  ``z_loss``: the z-loss term's contribution to the
+    returned loss (reduced like it: a scalar for ``"mean"`` / ``"sum"``, per token for ``"none"``;
+    0 without ``z_loss``).  Also readable as a mapping: ``stats["accuracy"]``.
     """
 
     logp: torch.Tensor
@@ -51,6 +54,7 @@ class LossStats:
     lse: torch.Tensor
     entropy: torch.Tensor
     predicted: torch.Tensor
+    z_loss: torch.Tensor
 
     def __getitem__(self, key: str) -> torch.Tensor:
         if key not in self.keys():
@@ -88,6 +92,9 @@ def validate_options(
     logit_scale: Optional[float] = None,
     backend: str = "auto",
     return_stats: bool = False,
+    z_loss: float = 0.0,
+    label_smoothing: float = 0.0,
+    class_weight: Optional[torch.Tensor] = None,
 ) -> Objective:
     """Check the options of :func:`linear_objective_loss` without any tensor (e.g. when a module or
     a patched model is configured) and return the resolved objective; raises the same
@@ -101,6 +108,7 @@ def validate_options(
     _check_flag("shift", shift)
     _check_flag("return_stats", return_stats)
     LogitOptions(logit_scale=logit_scale, softcap=softcap)
+    LossTerms(z_loss=z_loss, label_smoothing=label_smoothing, class_weight=class_weight)
     check_backend_name(backend)
     return get_objective(objective)
 
@@ -171,11 +179,22 @@ def _valid_targets_fake(target, vocab, ignore_index):
     return torch.empty_like(target, dtype=torch.bool)
 
 
+def _is_dtensor(t) -> bool:
+    """Whether ``t`` is a ``torch.distributed`` DTensor, without importing torch.distributed."""
+    return isinstance(t, torch.Tensor) and type(t).__module__.startswith("torch.distributed")
+
+
 def _prepare(hidden, weight, target, bias, ignore_index, shift, softcap, logit_scale, backend):
     """Validate, flatten to 2-D and resolve the backend: ``(h2, t1, valid, opts, backend, shape)``."""
     _check_inputs(hidden, weight, target, bias, ignore_index, shift, backend if isinstance(backend, str) else None)
     opts = LogitOptions(logit_scale=logit_scale, softcap=softcap)
     impl = resolve_backend(backend, hidden.device)
+    V = weight.shape[0]
+    if _is_dtensor(weight) or _is_dtensor(hidden):
+        # vocabulary-parallel: each rank computes its shard's statistics (parallel.py)
+        from . import parallel
+
+        hidden, weight, bias, impl = parallel.localize(hidden, weight, bias, impl)
     shape = tuple(target.shape)
     target = target.long()
     if shift:
@@ -185,7 +204,7 @@ def _prepare(hidden, weight, target, bias, ignore_index, shift, softcap, logit_s
     t1 = target.reshape(-1).contiguous()  # the kernels index targets with unit stride
     h2 = hidden.reshape(-1, hidden.shape[-1])
     if hidden.device.type == "cpu":
-        valid = _valid_targets(t1, weight.shape[0], ignore_index)
+        valid = _valid_targets(t1, V, ignore_index)
     else:  # CUDA: no host sync; an out-of-range target makes its log-probability NaN
         valid = t1 != ignore_index
     return h2, t1, valid, opts, impl, shape
@@ -200,13 +219,14 @@ def _grad_in_forward(impl, dtype) -> bool:
     return True if choose is None else bool(choose(dtype))
 
 
-def _logprob(h2, weight, bias, t1, valid, opts, impl, row_stats=False):
-    """``(logp, hit)``, plus ``(argmax, rows [2, N] = (lse, entropy))`` with ``row_stats``."""
+def _logprob(h2, weight, bias, t1, valid, opts, impl, row_stats=False, dot=None):
+    """``(logp, lse, dotz, hit, argmax, entropy)`` [N] each: ``logp``, ``lse`` and ``dotz`` (None
+    without ``dot``) differentiable, the entropy only with ``row_stats`` (else unspecified)."""
     if impl == REFERENCE:
-        return reference.target_logprob(h2, weight, bias, t1, valid, opts, row_stats=row_stats)
-    if row_stats:
-        return TargetLogprobFunction.apply(h2, weight, bias, t1, valid, opts, impl, True)
-    return TargetLogprobFunction.apply(h2, weight, bias, t1, valid, opts, impl)
+        return reference.target_logprob(h2, weight, bias, t1, valid, opts, row_stats=row_stats, dot=dot)
+    logp, lse, dotz, hit, argmax, ent = TargetLogprobFunction.apply(h2, weight, bias, t1, valid, opts, impl,
+                                                                   row_stats, dot)
+    return logp, lse, dotz if dot is not None else None, hit, argmax, ent
 
 
 def target_logprob(
@@ -229,7 +249,7 @@ def target_logprob(
     """
     h2, t1, valid, opts, impl, shape = _prepare(hidden, weight, target, bias, ignore_index, shift,
                                                 softcap, logit_scale, backend)
-    logp, _ = _logprob(h2, weight, bias, t1, valid, opts, impl)
+    logp = _logprob(h2, weight, bias, t1, valid, opts, impl)[0]
     return logp.reshape(shape)
 
 
@@ -274,17 +294,29 @@ def _num_items(num_items_in_batch, device) -> Optional[torch.Tensor]:
     return torch.tensor(float(num_items_in_batch), dtype=torch.float64, device=device)
 
 
-def _parameter_term(obj: Objective, logp: torch.Tensor, valid: torch.Tensor) -> Optional[torch.Tensor]:
+def _parameter_term(obj: Objective, logp: torch.Tensor, valid: torch.Tensor, target: torch.Tensor,
+                    terms: LossTerms) -> Optional[torch.Tensor]:
     """Zero, with the gradient of the summed objective with respect to the objective's own tensors
     (e.g. a learnable focal gamma), or None when it has none: the gradients-in-forward path
     differentiates the objective with respect to ``logp`` only, so autograd would not reach them."""
     if not torch.is_grad_enabled():
         return None
-    extra = obj.per_token(logp.detach(), valid)[0].sum()
-    if not extra.requires_grad:  # the built-in objectives: no tensors of their own
+    per_tok, _kept = obj.per_token(logp.detach(), valid)
+    if not per_tok.requires_grad:  # the built-in objectives: no tensors of their own
         return None
+    if terms.class_weight is not None:
+        safe_t = torch.where(valid, target, torch.zeros_like(target))
+        w = terms.class_weight.detach().to(device=per_tok.device, dtype=per_tok.dtype)[safe_t]
+        per_tok = per_tok * torch.where(valid, w, torch.zeros_like(w))
+    extra = (1.0 - terms.label_smoothing) * per_tok.sum()
     # finite check: inf - inf would turn an infinite loss into NaN
     return torch.where(torch.isfinite(extra), extra - extra.detach(), torch.zeros_like(extra))
+
+
+def _safe_div(total: torch.Tensor, denom: torch.Tensor) -> torch.Tensor:
+    """``total / denom``, and 0 (with zero gradients) where ``denom`` is 0."""
+    denom = denom.to(total.dtype)
+    return torch.where(denom != 0, total / torch.where(denom != 0, denom, torch.ones_like(denom)), total * 0.0)
 
 
 def linear_objective_loss(
@@ -303,6 +335,9 @@ def linear_objective_loss(
     logit_scale: Optional[float] = None,
     backend: str = "auto",
     return_stats: bool = False,
+    z_loss: float = 0.0,
+    label_smoothing: float = 0.0,
+    class_weight: Optional[torch.Tensor] = None,
 ) -> Union[torch.Tensor, Tuple[torch.Tensor, LossStats]]:
     """A supervised fine-tuning objective of the LM head's target probabilities, fused.
 
@@ -326,6 +361,22 @@ def linear_objective_loss(
     complex or meta: ``TypeError`` / ``ValueError``); a CUDA tensor's value is checked on the device
     without a host sync: a negative or non-finite count makes the loss NaN.
 
+    Loss terms (all computed from the same pass, no ``[N, V]`` tensor), with ``w_i =
+    class_weight[target_i]`` (1 without), ``u = class_weight`` (ones without), ``eps =
+    label_smoothing`` and ``lse_i = logsumexp(z_i)``, the per-token loss is
+    ``(1 - eps) * w_i * objective(l_i) + (eps / V) * sum_j u_j (lse_i - z_ij)`` on kept tokens, plus
+    ``z_loss * lse_i**2`` on valid tokens.  For ``objective="nll"`` this is exactly
+    ``F.cross_entropy(z, target, weight=class_weight, label_smoothing=eps)`` (every reduction) plus
+    the z-loss of PaLM / Liger's ``lse_square_scale``; for the other objectives the smoothing term is
+    the same uniform cross-entropy mixed in on the tokens the objective keeps.  ``"mean"`` divides the
+    objective part by the sum of ``w_i`` over valid (``normalize="kept"``: kept) tokens, as torch's
+    weighted mean does, and the z-loss part by their count (Liger's semantics); ``num_items_in_batch``
+    replaces both denominators (with class weights, pass the sum of the target weights over the
+    accumulated micro-batches to get torch's weighted mean).  ``z_loss`` >= 0, ``label_smoothing`` in
+    [0, 1], ``class_weight`` a ``[V]`` floating tensor on the inputs' device, finite and >= 0
+    (checked for CPU tensors; a CUDA tensor is not read on the host).  ``LossStats.z_loss`` reports
+    the z-loss part of the returned loss.
+
     Precision: fp16 inputs need a loss scaler (``torch.amp.GradScaler``), as in any fp16 training:
     a gradient entry below fp16's smallest subnormal (6e-8; e.g. a mean over many tokens times
     small probabilities) rounds to 0 when the gradients are returned in fp16.  bf16 has fp32's range.
@@ -335,55 +386,80 @@ def linear_objective_loss(
     """
     obj = validate_options(objective=objective, ignore_index=ignore_index, reduction=reduction,
                            normalize=normalize, shift=shift, softcap=softcap, logit_scale=logit_scale,
-                           backend=backend, return_stats=return_stats)
+                           backend=backend, return_stats=return_stats, z_loss=z_loss,
+                           label_smoothing=label_smoothing, class_weight=class_weight)
+    terms = LossTerms(z_loss=z_loss, label_smoothing=label_smoothing, class_weight=class_weight)
     if num_items_in_batch is not None and reduction != "mean":
         raise ValueError(f"num_items_in_batch is the denominator of reduction='mean'; "
                          f"it cannot be combined with reduction={reduction!r}")
     if num_items_in_batch is not None and normalize == "kept":
         raise ValueError("num_items_in_batch (a count of valid tokens across micro-batches) cannot be "
                          "combined with normalize='kept'; use normalize='valid' or drop num_items_in_batch")
+    V = weight.shape[0] if isinstance(weight, torch.Tensor) and weight.dim() == 2 else 0
     h2, t1, valid, opts, impl, shape = _prepare(hidden, weight, target, bias, ignore_index, shift,
                                                 softcap, logit_scale, backend)
-    items = _num_items(num_items_in_batch, hidden.device)
+    terms.check_weight(V, h2.device)
+    dot = dot_vector(terms, V, h2.device)
+    items = _num_items(num_items_in_batch, h2.device)
     wants_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias))
+    weighted = terms.class_weight is not None
     # under torch.compile the per-token path runs (its operators have fake kernels and trace into
-    # one graph); the gradients-in-forward path loops on the host over data-dependent token chunks
-    if (reduction != "none" and wants_grad and _grad_in_forward(impl, hidden.dtype)
-            and not torch.compiler.is_compiling()):
+    # one graph); the gradients-in-forward path loops on the host over data-dependent token chunks.
+    # Class weights with a z-loss have two denominators (weights, counts): the per-token path keeps
+    # them apart
+    scalar_path = (reduction != "none" and wants_grad and _grad_in_forward(impl, h2.dtype)
+                   and not torch.compiler.is_compiling() and not (weighted and terms.z_loss != 0))
+    z_tok = None
+    if scalar_path:
         # a scalar loss: the backend computes the gradients while the logits are at hand
-        if return_stats:
-            total, logp, kept, hit, argmax, rows = ObjectiveSumFunction.apply(
-                h2, weight, bias, t1, valid, opts, impl, objective_coefficients(obj), True)
-        else:
-            total, logp, kept, hit = ObjectiveSumFunction.apply(h2, weight, bias, t1, valid, opts, impl,
-                                                                objective_coefficients(obj))
-        term = _parameter_term(obj, logp, valid)
+        total, logp, kept, hit, argmax, rows = ObjectiveSumFunction.apply(
+            h2, weight, bias, t1, valid, opts, impl, objective_coefficients(obj, terms, V, dot), return_stats, dot)
+        term = _parameter_term(obj, logp, valid, t1, terms)
         total = total if term is None else total + term.to(total.dtype)
+        lse, ent = rows[0], rows[1]
+        if terms.z_loss != 0:
+            z_tok = torch.where(valid, terms.z_loss * lse * lse, torch.zeros_like(lse))
+        obj_total, z_total = total, None
     else:
-        if return_stats:
-            logp, hit, argmax, rows = _logprob(h2, weight, bias, t1, valid, opts, impl, row_stats=True)
-        else:
-            logp, hit = _logprob(h2, weight, bias, t1, valid, opts, impl)
+        logp, lse, dotz, hit, argmax, ent = _logprob(h2, weight, bias, t1, valid, opts, impl,
+                                                     row_stats=return_stats, dot=dot)
         per_tok, kept = obj.per_token(logp, valid)
-        total = per_tok.sum()
+        if terms.active:
+            per_tok, z_tok = token_terms(per_tok, kept, valid, lse, dotz, t1, terms, V, _dot_sum(terms, dot, V))
+        obj_total = per_tok.sum()
+        z_total = None if z_tok is None else z_tok.sum().to(obj_total.dtype)
 
+    count = valid.sum() if normalize == "valid" else kept.sum()
     if reduction == "none":
-        loss = per_tok.reshape(shape)
+        loss = (per_tok if z_tok is None else per_tok + z_tok.to(per_tok.dtype)).reshape(shape)
+        z_report = None if z_tok is None else z_tok.detach().reshape(shape)
     elif reduction == "sum":
-        loss = total
+        loss = obj_total if z_total is None else obj_total + z_total
+        z_report = None if z_tok is None else z_tok.detach().sum()
     else:
-        denom = items if items is not None else valid.sum() if normalize == "valid" else kept.sum()
-        denom = denom.to(total.dtype)
-        loss = torch.where(denom != 0, total / torch.where(denom != 0, denom, torch.ones_like(denom)),
-                           total * 0.0)
+        if items is not None:
+            denom = z_denom = items
+        elif weighted:
+            w = terms.class_weight.detach().to(device=h2.device, dtype=torch.float64)[
+                torch.where(valid, t1, torch.zeros_like(t1))]
+            denom = torch.where(valid if normalize == "valid" else kept, w, torch.zeros_like(w)).sum()
+            z_denom = count
+        else:
+            denom = z_denom = count
+        loss = _safe_div(obj_total, denom)
+        if z_total is not None:
+            loss = loss + _safe_div(z_total, z_denom)
+        z_report = None if z_tok is None else _safe_div(z_tok.detach().sum(), z_denom)
     if not return_stats:
         return loss
     n_valid = valid.sum()
     n_kept = kept.sum()
     safe_n = n_valid.clamp(min=1).to(torch.float32)
     lp = logp.detach()
-    rows = torch.where(valid[None, :], rows.detach(), torch.zeros((), dtype=rows.dtype, device=rows.device))
+    zero = torch.zeros((), dtype=torch.float32, device=lp.device)
+    if z_report is None:
+        z_report = torch.zeros(shape, dtype=torch.float32, device=lp.device) if reduction == "none" else zero
     stats = LossStats(
         logp=lp.reshape(shape),
         valid=valid.reshape(shape),
@@ -393,8 +469,9 @@ def linear_objective_loss(
         n_kept=n_kept,
         accuracy=hit.sum().to(torch.float32) / safe_n,
         mean_p=torch.where(valid, lp.exp(), torch.zeros_like(lp)).sum().to(torch.float32) / safe_n,
-        lse=rows[0].reshape(shape),
-        entropy=rows[1].reshape(shape),
+        lse=torch.where(valid, lse.detach().float(), zero).reshape(shape),
+        entropy=torch.where(valid, ent.detach().float(), zero).reshape(shape),
         predicted=torch.where(valid, argmax, torch.full_like(argmax, ignore_index)).reshape(shape),
+        z_loss=z_report.float(),
     )
     return loss, stats

@@ -54,8 +54,9 @@ def run(hidden, weight, target, bias=None, *, upstream=None, grads=True, **kw) -
 
 def naive_same_dtype(hidden, weight, target, bias=None, *, upstream=None, objective="nll", reduction="mean",
                      normalize="valid", shift=False, softcap=None, logit_scale=None, ignore_index=-100,
-                     num_items_in_batch=None):
-    """What a user writes without this library: logits in the input dtype, then fp32 log-softmax."""
+                     num_items_in_batch=None, z_loss=0.0, label_smoothing=0.0, class_weight=None):
+    """What a user writes without this library: logits in the input dtype, then fp32 log-softmax
+    (and the loss terms on those fp32 log-probabilities)."""
     h = hidden.detach().clone().requires_grad_()
     w = weight.detach().clone().requires_grad_()
     b = bias.detach().clone().requires_grad_() if bias is not None else None
@@ -74,14 +75,28 @@ def naive_same_dtype(hidden, weight, target, bias=None, *, upstream=None, object
     lp = torch.log_softmax(z, -1).gather(-1, torch.where(valid, t, 0)[..., None])[..., 0]
     lp = torch.where(valid, lp, torch.zeros_like(lp))
     per_tok, kept = _truth.per_token(objective, lp.reshape(-1), valid.reshape(-1))
+    V = z.shape[-1]
+    z2, t1, valid1 = z.reshape(-1, V), torch.where(valid, t, 0).reshape(-1), valid.reshape(-1)
+    cw = None if class_weight is None else class_weight.to(z.dtype)
+    w_tok = torch.ones_like(per_tok) if cw is None else torch.where(valid1, cw[t1], 0.0)
+    per_tok = per_tok * w_tok
+    if label_smoothing:
+        u = torch.ones(V, dtype=z.dtype, device=z.device) if cw is None else cw
+        smooth = -(label_smoothing / V) * (torch.log_softmax(z2, -1) * u).sum(-1)
+        per_tok = (1 - label_smoothing) * per_tok + torch.where(kept, smooth, 0.0)
+    z_tok = torch.where(valid1, z_loss * torch.logsumexp(z2, -1) ** 2, 0.0)
     if reduction == "none":
-        loss = per_tok.reshape(t.shape)
+        loss = (per_tok + z_tok).reshape(t.shape)
     elif reduction == "sum":
-        loss = per_tok.sum()
+        loss = per_tok.sum() + z_tok.sum()
     else:
-        denom = num_items_in_batch if num_items_in_batch is not None else (valid.sum() if normalize == "valid" else kept.sum())
-        denom = torch.as_tensor(denom, dtype=per_tok.dtype)
+        mask = valid1 if normalize == "valid" else kept
+        if num_items_in_batch is not None:
+            denom = z_denom = torch.as_tensor(num_items_in_batch, dtype=per_tok.dtype)
+        else:
+            denom, z_denom = (w_tok * mask).sum(), mask.sum().to(per_tok.dtype)
         loss = per_tok.sum() / denom if denom > 0 else per_tok.sum() * 0
+        loss = loss + (z_tok.sum() / z_denom if z_denom > 0 else z_tok.sum() * 0)
     (loss * upstream.to(loss.device)).sum().backward() if upstream is not None else loss.backward()
     return {"loss": loss.detach(), "dh": h.grad, "dw": w.grad, "db": b.grad if b is not None else None}
 

@@ -9,6 +9,12 @@ differentiated by float64 autograd.
     l_i = log_softmax(z_i)[y_i],  p_i = exp(l_i)
     loss_i = f(l_i) on kept tokens (valid and passing the objective's gate on the current p_i), else 0
     mean = sum_i loss_i / (num_items_in_batch | #valid | #kept), 0 when that denominator is 0
+
+Loss terms (z_loss, label_smoothing = eps, class_weight = w [V]), from their definitions:
+    loss_i = (1 - eps) * w[y_i] * f(l_i) - (eps / V) * sum_j u_j log_softmax(z_i)_j   on kept tokens
+           + z_loss * logsumexp(z_i)**2                                              on valid tokens
+    with u = w (ones without); mean: the first part / sum of w[y_i] over valid (or kept) tokens,
+    the z part / their count; num_items_in_batch replaces both.
 """
 from __future__ import annotations
 
@@ -102,7 +108,8 @@ def logits64(hidden, weight, bias=None, *, softcap=None, logit_scale=None) -> to
 
 def truth(hidden, weight, target, bias=None, *, objective: Spec = "nll", reduction="mean", normalize="valid",
           num_items_in_batch=None, shift=False, softcap=None, logit_scale=None, ignore_index=-100,
-          upstream=None, grads=True, details=False) -> Dict[str, Optional[torch.Tensor]]:
+          upstream=None, grads=True, details=False, z_loss=0.0, label_smoothing=0.0,
+          class_weight=None) -> Dict[str, Optional[torch.Tensor]]:
     """Loss (float64) and float64 gradients ``dh, dw, db`` of the objective's loss.
 
     ``upstream`` (shaped like the loss) gives ``d(sum(loss * upstream))``; ``details=True`` adds
@@ -124,16 +131,27 @@ def truth(hidden, weight, target, bias=None, *, objective: Spec = "nll", reducti
     l = torch.log_softmax(z, dim=-1).gather(-1, safe_t[..., None])[..., 0]
     l = torch.where(valid, l, torch.zeros_like(l))
     loss_tok, kept = per_token(objective, l, valid)
+    cw = None if class_weight is None else class_weight.detach().double().to(z.device)
+    w_tok = torch.ones_like(l) if cw is None else torch.where(valid, cw[safe_t], torch.zeros_like(l))
+    loss_tok = loss_tok * w_tok
+    if label_smoothing:
+        u = torch.ones(V, dtype=torch.float64, device=z.device) if cw is None else cw
+        smooth = -(label_smoothing / V) * (torch.log_softmax(z, dim=-1) * u).sum(-1)
+        loss_tok = (1 - label_smoothing) * loss_tok + torch.where(kept, smooth, torch.zeros_like(smooth))
+    z_tok = torch.where(valid, z_loss * torch.logsumexp(z, dim=-1) ** 2, torch.zeros_like(l))
     if reduction == "none":
-        loss = loss_tok
+        loss = loss_tok + z_tok
     elif reduction == "sum":
-        loss = loss_tok.sum()
+        loss = loss_tok.sum() + z_tok.sum()
     elif reduction == "mean":
+        mask = valid if normalize == "valid" else kept
         if num_items_in_batch is not None:
-            denom = float(num_items_in_batch)
+            denom = z_denom = float(num_items_in_batch)
         else:
-            denom = float((valid if normalize == "valid" else kept).sum())
+            denom = float((w_tok * mask).sum())
+            z_denom = float(mask.sum())
         loss = loss_tok.sum() / denom if denom != 0 else loss_tok.sum() * 0.0
+        loss = loss + (z_tok.sum() / z_denom if z_denom != 0 else z_tok.sum() * 0.0)
     else:
         raise ValueError(reduction)
     out = {"loss": loss.detach()}

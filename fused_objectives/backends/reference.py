@@ -59,27 +59,80 @@ def target_logprob(
     valid: torch.Tensor,
     opts: LogitOptions,
     row_stats: bool = False,
+    dot: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, ...]:
-    """``(logp [N], argmax_hit [N])`` for 2-D ``hidden``; 0 / False at invalid tokens.
+    """``(logp, lse, dotz, hit, argmax, entropy)`` [N] each for 2-D ``hidden``, 0 / False at invalid
+    tokens: the target log-probability, ``logsumexp`` and (with ``dot`` [V]) ``sum_j dot_j z_j`` of
+    the final logits ``z``, all three differentiable through PyTorch autograd; ``hit`` (argmax is the
+    target), the argmax and (with ``row_stats``) the softmax entropy, detached.  ``dotz`` is None
+    without ``dot``, ``entropy`` None without ``row_stats``.
 
-    Equals ``torch.log_softmax(logits, -1).gather(-1, target[:, None])[:, 0]`` on valid tokens.
-    With ``row_stats``, also ``(argmax [N], rows [2, N] = (logsumexp, softmax entropy))`` of the
-    logits, detached (invalid tokens: those of a zeroed hidden state).
+    ``logp`` equals ``torch.log_softmax(logits, -1).gather(-1, target[:, None])[:, 0]`` on valid tokens.
     """
     # ignored rows do not enter the computation (as in the fused kernels): a NaN there stays there
     hidden = torch.where(valid[:, None], hidden, torch.zeros((), dtype=hidden.dtype, device=hidden.device))
     z = logits(hidden, weight, bias, opts)
     safe_t = torch.where(valid, target, torch.zeros_like(target))
-    logp = torch.log_softmax(z, dim=-1).gather(1, safe_t[:, None])[:, 0]
-    logp = torch.where(valid, logp, torch.zeros_like(logp))
-    hit = valid & (z.detach().argmax(dim=-1) == target) if z.shape[0] else valid.clone()
-    if not row_stats:
-        return logp, hit
+    zero = torch.zeros((), dtype=z.dtype, device=z.device)
+    logp = torch.where(valid, torch.log_softmax(z, dim=-1).gather(1, safe_t[:, None])[:, 0], zero)
+    lse = torch.where(valid, torch.logsumexp(z, dim=-1), zero)
+    dotz = None if dot is None else torch.where(valid, z @ dot.to(z.dtype), zero)
     zd = z.detach()
-    lse = torch.logsumexp(zd, dim=-1)
-    ls = zd - lse[:, None]
-    p = ls.exp()
-    # -sum p log p, a zero probability (e.g. a -inf logit) adding 0
-    ent = -torch.where(p > 0, p * ls, torch.zeros((), dtype=p.dtype, device=p.device)).sum(dim=-1)
     argmax = zd.argmax(dim=-1) if z.shape[0] else torch.zeros_like(target)
-    return logp, hit, argmax, torch.stack([lse, ent])
+    hit = valid & (argmax == target)
+    ent = None
+    if row_stats:
+        ls = zd - zd.logsumexp(dim=-1, keepdim=True)
+        p = ls.exp()
+        # -sum p log p, a zero probability (e.g. a -inf logit) adding 0
+        ent = -torch.where(p > 0, p * ls, torch.zeros((), dtype=p.dtype, device=p.device)).sum(dim=-1)
+    return logp, lse, dotz, hit, argmax, ent
+
+
+class ReferenceBackend:
+    """The backend contract (see ``backends/__init__.py``) on materialised logits: the executable
+    specification of what a fused backend computes, and the inner backend of a vocabulary-parallel
+    shard with ``backend="reference"``.  ``state`` is empty: the backward recomputes the logits and
+    differentiates ``sum_i c_i logp_i + b_i lse_i + g_i dotz_i`` with PyTorch autograd."""
+
+    name = "reference"
+
+    @staticmethod
+    def unavailable_reason(device: torch.device) -> Optional[str]:
+        return None
+
+    def forward(self, hidden, weight, bias, target, valid, opts: LogitOptions, row_stats: bool = False,
+                dot: Optional[torch.Tensor] = None):
+        with torch.no_grad():
+            logp, lse, dotz, _hit, argmax, ent = target_logprob(hidden, weight, bias, target, valid, opts,
+                                                                row_stats=row_stats, dot=dot)
+        rows = torch.zeros(3, logp.shape[0], dtype=torch.float32, device=logp.device)
+        rows[0] = lse
+        if ent is not None:
+            rows[1] = ent
+        if dotz is not None:
+            rows[2] = dotz
+        return logp.float(), None, argmax, rows
+
+    def backward(self, hidden, weight, bias, target, state, coef, opts: LogitOptions, needs, dot=None):
+        coef = coef.reshape(-1, coef.shape[-1])
+        active = (coef != 0).any(dim=0)
+        wanted = [(i, t) for i, (t, n) in enumerate(zip((hidden, weight, bias), needs)) if n and t is not None]
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_() if t is not None else None for t in (hidden, weight, bias)]
+            logp, lse, dotz, *_ = target_logprob(leaves[0], leaves[1], leaves[2], target, active, opts,
+                                                 dot=dot if coef.shape[0] == 3 else None)
+            total = (coef[0].to(logp.dtype) * logp).sum()
+            if coef.shape[0] > 1:
+                total = total + (coef[1].to(lse.dtype) * lse).sum()
+            if coef.shape[0] > 2:
+                total = total + (coef[2].to(dotz.dtype) * dotz).sum()
+            grads = torch.autograd.grad(total, [leaves[i] for i, _ in wanted], allow_unused=True)
+        out = [None, None, None]
+        for (i, t), g in zip(wanted, grads):
+            out[i] = torch.zeros_like(t) if g is None else g.to(t.dtype)
+        return tuple(out)
+
+
+#: the one instance (``parallel.localize`` wraps it for ``backend="reference"``)
+BACKEND = ReferenceBackend()
