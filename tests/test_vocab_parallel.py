@@ -1,0 +1,234 @@
+"""Vocabulary-parallel loss (fused_objectives/parallel.py) on 2 gloo ranks on CPU: the sharded result
+equals float64 truth computed from the definitions on the full, unsharded weight.
+
+The ranks are started once per module (``_results``): every case runs in the same two processes
+and rank 0 saves what each test then checks, so the tests cost one process start in all.
+"""
+import os
+import socket
+import traceback
+
+import pytest
+import torch
+
+dist = pytest.importorskip("torch.distributed")
+if not dist.is_available() or not dist.is_gloo_available():
+    pytest.skip("torch.distributed with gloo is not available", allow_module_level=True)
+
+from fused_objectives.options import LogitOptions  # noqa: E402
+from fused_objectives.parallel import is_dtensor  # noqa: E402
+
+WORLD = 2
+
+
+# ----------------------------------------------------------------------------- float64 truth
+def _logits64(h, w, b, opts):
+    z = h.double() @ w.double().T
+    if b is not None:
+        z = z + b.double()
+    if opts.logit_scale is not None:
+        z = z * opts.logit_scale
+    if opts.softcap is not None:
+        z = opts.softcap * torch.tanh(z / opts.softcap)
+    return z
+
+
+def _stats64(h, w, b, t, opts, u):
+    """float64 ``(logp, lse, entropy, dotz, argmax)`` of every row (target clamped into range)."""
+    z = _logits64(h, w, b, opts)
+    lse = torch.logsumexp(z, -1)
+    ls = z - lse[:, None]
+    logp = ls.gather(1, t.clamp(0, w.shape[0] - 1)[:, None])[:, 0]
+    ent = -(ls.exp() * ls).sum(-1)
+    dotz = z @ u.double()
+    return logp, lse, ent, dotz, z.argmax(-1)
+
+
+def _grads64(h, w, b, t, valid, coef, opts, u):
+    """float64 gradients of ``sum_i valid_i (c_i logp_i + b_i lse_i + g_i dotz_i)``."""
+    leaves = [x.detach().double().requires_grad_() for x in (h, w)] + (
+        [] if b is None else [b.detach().double().requires_grad_()])
+    logp, lse, _, dotz, _ = _stats64(leaves[0], leaves[1], leaves[2] if b is not None else None, t, opts, u)
+    c, bb, g = coef.double()
+    total = torch.where(valid, c * logp + bb * lse + g * dotz, torch.zeros((), dtype=torch.float64)).sum()
+    grads = torch.autograd.grad(total, leaves)
+    return list(grads) + ([None] if b is None else [])
+
+
+class _Float64Inner:
+    """A contract-v2 backend on materialised float64 logits (the shard's own truth): what the
+    wrapper wraps in the direct tests, so they check the combination across ranks alone."""
+
+    name = "float64"
+
+    def unavailable_reason(self, device):
+        return None
+
+    def forward(self, hidden, weight, bias, target, valid, opts, row_stats=False, dot=None):
+        u = dot if dot is not None else torch.ones(weight.shape[0])
+        logp, lse, ent, dotz, am = _stats64(hidden, weight, bias, target, opts, u)
+        return logp.float(), lse.float(), am, torch.stack([lse, ent, dotz]).float()
+
+    def backward(self, hidden, weight, bias, target, state, coef, opts, needs, dot=None):
+        coef = coef if coef.dim() == 2 else coef[None]
+        coef = torch.cat([coef, torch.zeros(3 - coef.shape[0], coef.shape[1])])
+        u = dot if dot is not None else torch.zeros(weight.shape[0])
+        valid = torch.ones(target.shape[0], dtype=torch.bool)
+        dx, dw, db = _grads64(hidden, weight, bias, target, valid, coef, opts, u)
+        cast = [None if g is None or not n else g.to(x.dtype) for g, n, x in zip((dx, dw, db), needs, (hidden, weight, bias))]
+        return tuple(cast)
+
+
+# ----------------------------------------------------------------------------- the cases (run on every rank)
+def _mesh():
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh("cpu", (WORLD,))
+
+
+def _shard(mesh, x):
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    return distribute_tensor(x, mesh, [Shard(0)])
+
+
+def _inputs(n, h, v, seed, dtype=torch.float32, confident=False):
+    g = torch.Generator().manual_seed(seed)
+    hid = torch.randn(n, h, generator=g).to(dtype)
+    w = (torch.randn(v, h, generator=g) * 0.7).to(dtype)
+    b = (torch.randn(v, generator=g) * 0.3).to(dtype)
+    t = torch.randint(0, v, (n,), generator=g)
+    if confident:  # orthonormal rows, hidden = 20 * its target's row: 1 - p around (V - 1) e^-20
+        w = torch.linalg.qr(torch.randn(h, v, generator=g, dtype=torch.float64))[0].T.to(dtype)
+        hid = (20.0 * w[t].double() + 0.01 * torch.randn(n, h, generator=g, dtype=torch.float64)).to(dtype)
+        b = b * 0.01
+    valid = torch.ones(n, dtype=torch.bool)
+    valid[1] = False
+    t = torch.where(valid, t, torch.full_like(t, -100))
+    coef = torch.randn(3, n, generator=g)
+    coef[:, ~valid] = 0
+    return hid, w, b, t, valid, coef
+
+
+def _direct(mesh, n, h, v, opts, seed, confident=False, with_bias=True):
+    """Wrapper forward/backward vs float64 truth on the full weight: pairs (got, want)."""
+    from fused_objectives.parallel import localize
+
+    hid, w, b, t, valid, coef = _inputs(n, h, v, seed, confident=confident)
+    b = b if with_bias else None
+    u = torch.rand(v, generator=torch.Generator().manual_seed(seed + 1)) + 0.5
+    wd, bd = _shard(mesh, w), (None if b is None else _shard(mesh, b))
+    out = {}
+    for rs, dot, k in ((True, u, 3), (False, None, 1)):
+        h_l, w_l, b_l, be = localize(hid, wd, bd, _Float64Inner())
+        logp, state, am, rows = be.forward(h_l, w_l, b_l, t, valid, opts, row_stats=rs, dot=dot)
+        c = coef[:k] if k > 1 else coef[0]
+        dx, dw, db = be.backward(h_l, w_l, b_l, t, state, c.contiguous(), opts, (True, True, b is not None), dot=dot)
+        ref_logp, ref_lse, ref_ent, ref_dotz, ref_am = _stats64(hid, w, b, t, opts, u)
+        full_coef = torch.cat([coef[:k], torch.zeros(3 - k, n)])
+        rdx, rdw, rdb = _grads64(hid, w, b, t, valid, full_coef, opts, u if dot is not None else torch.zeros(v))
+        lo, hi = be.offset, be.offset + be.size
+        tag = f"rs={rs}"
+        out[f"logp {tag}"] = (logp[valid], ref_logp[valid].float())
+        out[f"lse {tag}"] = (rows[0][valid], ref_lse[valid].float())
+        out[f"argmax {tag}"] = (am[valid], ref_am[valid])
+        if rs:
+            out[f"entropy {tag}"] = (rows[1][valid], ref_ent[valid].float())
+            out[f"dotz {tag}"] = (rows[2][valid], ref_dotz[valid].float())
+        out[f"dx {tag}"] = (dx, rdx.float())
+        out[f"dw {tag}"] = (dw, rdw[lo:hi].float())
+        if b is not None:
+            out[f"db {tag}"] = (db, rdb[lo:hi].float())
+    return out
+
+
+def _case_direct(rank, mesh):
+    return _direct(mesh, n=10, h=6, v=7, opts=LogitOptions(), seed=0)  # 7 rows: 4 + 3
+
+
+def _case_direct_transforms(rank, mesh):
+    return _direct(mesh, n=9, h=5, v=11, opts=LogitOptions(logit_scale=-1.7, softcap=2.5), seed=1,
+                   with_bias=False)
+
+
+def _case_empty_shard(rank, mesh):
+    return _direct(mesh, n=6, h=4, v=1, opts=LogitOptions(), seed=2)  # rows 1 + 0
+
+
+def _case_confident(rank, mesh):
+    """fp32 inputs with 1 - p ~ 1e-9: the combined log-probability (and so 1 - P in the gradient)
+    keeps its relative accuracy, as the owner's own value has it."""
+    from fused_objectives.parallel import localize
+
+    n, h, v = 8, 8, 6
+    hid, w, b, t, valid, coef = _inputs(n, h, v, 3, confident=True)
+    opts = LogitOptions()
+    h_l, w_l, b_l, be = localize(hid, _shard(mesh, w), _shard(mesh, b), _Float64Inner())
+    logp, state, am, rows = be.forward(h_l, w_l, b_l, t, valid, opts)
+    c = torch.ones(n)
+    c[~valid] = 0
+    dx, dw, db = be.backward(h_l, w_l, b_l, t, state, c, opts, (False, False, True))
+    ref_logp = _stats64(hid, w, b, t, opts, torch.ones(v))[0]
+    rdb = _grads64(hid, w, b, t, valid, torch.stack([c, torch.zeros(n), torch.zeros(n)]), opts, torch.zeros(v))[2]
+    lo, hi = be.offset, be.offset + be.size
+    # relative error of log p (about -1e-9): compare the ratio to 1
+    return {"logp/ref": ((logp[valid].double() / ref_logp[valid]).float(), torch.ones(int(valid.sum()))),
+            "db (target column 1 - P)": (db, rdb[lo:hi].float())}
+
+
+CASES = {name[6:]: fn for name, fn in dict(globals()).items() if name.startswith("_case_")}
+
+
+def _worker(rank, port, out, names):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from datetime import timedelta
+
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
+    torch.set_num_threads(1)
+    try:
+        mesh = _mesh()
+        results = {}
+        for name in names:
+            torch.manual_seed(0)
+            try:
+                results[name] = CASES[name](rank, mesh)
+            except Exception:
+                results[name] = traceback.format_exc()
+        if rank == 0:
+            torch.save(results, out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def _results(tmp_path_factory):
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path_factory.mktemp("vocab_parallel") / "results.pt")
+    mp.spawn(_worker, args=(port, out, list(CASES)), nprocs=WORLD, join=True)
+    return torch.load(out)
+
+
+def _check(result, rtol=1e-5, atol=1e-6):
+    if isinstance(result, str):
+        pytest.fail(result)
+    for name, (got, want) in result.items():
+        torch.testing.assert_close(got, want, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("case", ["direct", "direct_transforms", "empty_shard"])
+def test_wrapper_matches_unsharded_truth(_results, case):
+    _check(_results[case])
+
+
+def test_wrapper_keeps_confident_tokens_accurate(_results):
+    _check(_results["confident"], rtol=1e-5, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- single process
+def test_is_dtensor_is_light():
+    assert not is_dtensor(torch.zeros(2))
+    assert not is_dtensor(None)
