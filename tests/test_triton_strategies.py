@@ -434,3 +434,312 @@ def test_triton_routes_fp16_scalar_losses_to_the_per_token_path(monkeypatch):
         tol = 2e-2 if dtype == torch.float16 else 1e-5
         torch.testing.assert_close(h.grad.double(), h64.grad, rtol=tol, atol=tol * h64.grad.abs().max().item())
         torch.testing.assert_close(w.grad.double(), w64.grad, rtol=tol, atol=tol * w64.grad.abs().max().item())
+
+
+# ---------------------------------------------------------------- backend contract v2, called directly
+# (coef [N] | [2, N] | [3, N] = (c, b, g) on (logp, lse, dotz); /work/coord/contract.md)
+
+from fused_objectives.backends import _FUSED  # noqa: E402
+from fused_objectives.kernels import rows as row_kernels  # noqa: E402
+from fused_objectives.options import LogitOptions  # noqa: E402
+
+V2_OPTS = dict(softcap=6.0, logit_scale=1.3)
+
+
+def _rows_truth(h, w, b, t, valid, dot, *, acc, coef=None, softcap=None, logit_scale=None):
+    """logp, lse, entropy, dotz, argmax of the final logits and the gradients of
+    ``sum_i c_i logp_i + b_i lse_i + g_i dotz_i``.  ``acc=torch.float64``: the truth, every input
+    in float64; ``acc=torch.float32``: what eager PyTorch does in the input dtype (logits ``h @ W^T``
+    in the input dtype, then fp32), the same-dtype baseline."""
+    cast = (lambda x: x.double()) if acc == torch.float64 else (lambda x: x)
+    hh = cast(h.detach()).clone().requires_grad_()
+    ww = cast(w.detach()).clone().requires_grad_()
+    bb = cast(b.detach()).clone().requires_grad_() if b is not None else None
+    z = hh @ ww.T
+    if bb is not None:
+        z = z + bb
+    z = z.to(acc)
+    if logit_scale is not None:
+        z = z * logit_scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    safe_t = torch.where(valid, t, torch.zeros_like(t))
+    ls = torch.log_softmax(z, -1)
+    logp = ls.gather(1, safe_t[:, None])[:, 0]
+    lse = torch.logsumexp(z, -1)
+    dotz = z @ dot.to(acc) if dot is not None else None
+    out = dict(logp=logp.detach(), lse=lse.detach(), ent=-(ls.exp() * ls).sum(-1).detach(),
+               dotz=None if dotz is None else dotz.detach(), argmax=z.detach().argmax(-1))
+    if coef is not None:
+        coef = coef.reshape(-1, coef.shape[-1]).to(acc)
+        total = (coef[0] * torch.where(valid, logp, torch.zeros_like(logp))).sum()
+        if coef.shape[0] > 1:
+            total = total + (coef[1] * lse).sum()
+        if coef.shape[0] > 2:
+            total = total + (coef[2] * dotz).sum()
+        total.backward()
+        out.update(dh=hh.grad, dw=ww.grad, db=None if bb is None else bb.grad)
+    return out
+
+
+def _close(name, got, want, base, dtype, k=2.0):
+    """got's error against float64 <= k * the same-dtype baseline's + 4 eps * scale."""
+    err = (got.double() - want).abs().max().item()
+    err_b = (base.double() - want).abs().max().item()
+    bound = k * err_b + 4 * torch.finfo(dtype).eps * max(want.abs().max().item(), 1e-30)
+    assert err <= bound, f"{name}: error {err:.3e} > {bound:.3e} (eager {err_b:.3e})"
+
+
+def _v2_inputs(dtype, N=37, V=150, H=16, seed=3):
+    """Inputs with ignored tokens, a bias, a [V] fp32 dot vector (class-weight-like, positive)."""
+    h, w, t, b = make_inputs(N=N, H=H, V=V, bias=True, peaked=5.0, dtype=dtype, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    dot = (0.5 + torch.rand(V, generator=g)).float()
+    return h, w, t, b, dot
+
+
+def _v2_coef(t, k, seed=0):
+    """[N] / [2, N] / [3, N] coefficients: zero on ignored tokens; a few valid tokens with all-zero
+    coefficients (skipped), with c = 0 but b or g non-zero (must NOT be skipped), and one token with
+    c and b only."""
+    g = torch.Generator().manual_seed(seed)
+    N = t.shape[0]
+    coef = torch.randn(k, N, generator=g)
+    valid = t != -100
+    coef[:, ~valid] = 0
+    vi = valid.nonzero()[:, 0]
+    coef[:, vi[0]] = 0              # valid, all-zero: skipped
+    if k > 1:
+        coef[0, vi[1]] = 0          # c = 0, b != 0 (and g): active
+    if k > 2:
+        coef[:2, vi[2]] = 0         # only g: active
+        coef[2, vi[3]] = 0
+    return coef[0].contiguous() if k == 1 else coef
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Several token chunks in the forwards, several vocabulary slabs and row chunks in the backward."""
+    monkeypatch.setattr(triton_chunked, "MIN_SLAB_COLS", 64)
+    monkeypatch.setattr(configs, "CHUNK_BUDGET_BYTES", 9 * 64 * 4)
+
+
+BACKENDS_V2 = ["triton_chunked", "triton"]
+DTYPES_V2 = [torch.float32, torch.bfloat16]
+
+
+def _v2_width(backend, dtype):
+    # backend='triton' picks a per-token strategy by shape: H = 320 routes it to triton_chunked
+    return 320 if backend == "triton" else 16
+
+
+@pytest.mark.parametrize("dtype", DTYPES_V2, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("backend", BACKENDS_V2)
+@pytest.mark.parametrize("sync", [False, True], ids=["compact", "sync_free"])
+def test_v2_forward_rows(monkeypatch, small_chunks, backend, dtype, sync):
+    monkeypatch.setattr(triton_chunked, "SYNC_FREE", sync)
+    h, w, t, b, dot = _v2_inputs(dtype, H=_v2_width(backend, dtype))
+    valid = t != -100
+    impl = _FUSED[backend]
+    if backend == "triton":
+        assert impl.per_token_strategy(h, w).name == "triton_chunked"
+    opts = LogitOptions(**V2_OPTS)
+    logp, state, argmax, rows = impl.forward(h, w, b, t, valid, opts, row_stats=True, dot=dot)
+    assert rows.shape == (3, t.shape[0]) and rows.dtype == torch.float32
+    want = _rows_truth(h, w, b, t, valid, dot, acc=torch.float64, **V2_OPTS)
+    base = _rows_truth(h, w, b, t, valid, dot, acc=torch.float32, **V2_OPTS)
+    for name, got in (("logp", logp), ("lse", rows[0]), ("ent", rows[1]), ("dotz", rows[2])):
+        _close(name, got[valid], want[name][valid], base[name][valid], dtype)
+    # ties aside (none here), the argmax of the same-dtype logits
+    assert torch.equal(argmax[valid], base["argmax"][valid])
+
+
+def test_v2_forward_computes_only_what_is_asked(monkeypatch):
+    # entropy and dotz are compile-time branches: the default call asks the kernel for neither
+    seen = []
+    real = row_kernels.row_stats
+    monkeypatch.setattr(row_kernels, "row_stats",
+                        lambda *a, **k: seen.append((k.get("entropy"), k.get("dot") is not None)) or real(*a, **k))
+    h, w, t, b, dot = _v2_inputs(torch.float32, N=9, V=70)
+    valid = t != -100
+    impl = _FUSED["triton_chunked"]
+    out = impl.forward(h, w, b, t, valid, LogitOptions())
+    assert len(out) == 4 and seen == [(False, False)]
+    want = _rows_truth(h, w, b, t, valid, None, acc=torch.float64)
+    torch.testing.assert_close(out[3][0][valid].double(), want["lse"][valid], rtol=1e-5, atol=1e-5)
+    seen.clear()
+    impl.forward(h, w, b, t, valid, LogitOptions(), dot=dot)
+    assert seen == [(False, True)]
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("dtype", DTYPES_V2, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("backend", BACKENDS_V2)
+@pytest.mark.parametrize("sync", [False, True], ids=["compact", "sync_free"])
+def test_v2_backward_coefficients(monkeypatch, small_chunks, backend, dtype, k, sync):
+    monkeypatch.setattr(triton_chunked, "SYNC_FREE", sync)
+    h, w, t, b, dot = _v2_inputs(dtype, H=_v2_width(backend, dtype))
+    valid = t != -100
+    coef = _v2_coef(t, k)
+    skipped = (coef.reshape(k, -1) == 0).all(0)
+    # tokens with all-zero coefficients are never read: NaN hidden states there stay out
+    h = h.clone()
+    h[skipped] = float("nan")
+    clean = torch.where(skipped[:, None], torch.zeros((), dtype=dtype), h)
+    impl = _FUSED[backend]
+    opts = LogitOptions(**V2_OPTS)
+    _, state, _, _ = impl.forward(h, w, b, t, valid & ~skipped, opts)
+    dx, dw, db = impl.backward(h, w, b, t, state, coef, opts, (True, True, True), dot=dot if k == 3 else None)
+    want = _rows_truth(clean, w, b, t, valid, dot, acc=torch.float64, coef=coef, **V2_OPTS)
+    base = _rows_truth(clean, w, b, t, valid, dot, acc=torch.float32, coef=coef, **V2_OPTS)
+    for name, got in (("dh", dx), ("dw", dw), ("db", db)):
+        assert got.dtype == dtype, name
+        assert torch.isfinite(got).all(), name
+        _close(name, got, want[name], base[name], dtype)
+    assert (dx[skipped] == 0).all()
+    # the backward needs what it is asked for only
+    dx2, dw2, db2 = impl.backward(h, w, b, t, state, coef, opts, (False, True, False), dot=dot if k == 3 else None)
+    assert dx2 is None and db2 is None and torch.equal(dw2, dw)
+
+
+def test_v2_backward_classic_call_is_todays_kernel():
+    # b = 0 (and g = 0 with a dot vector) adds exact zeros: the same bits as the [N] call
+    h, w, t, b, dot = _v2_inputs(torch.float32, N=20, V=90)
+    valid = t != -100
+    opts = LogitOptions(**V2_OPTS)
+    impl = _FUSED["triton_chunked"]
+    _, state, _, _ = impl.forward(h, w, b, t, valid, opts)
+    c = _v2_coef(t, 1)
+    one = impl.backward(h, w, b, t, state, c, opts, (True, True, True))
+    two = impl.backward(h, w, b, t, state, torch.stack([c, torch.zeros_like(c)]), opts, (True, True, True))
+    three = impl.backward(h, w, b, t, state, torch.stack([c, torch.zeros_like(c), torch.zeros_like(c)]), opts,
+                          (True, True, True), dot=dot)
+    for a, x, y in zip(one, two, three):
+        assert torch.equal(a, x) and torch.equal(a, y)
+
+
+def test_v2_confident_tokens_keep_their_digits():
+    # p(target) ~ 1 - 1e-6: c (1 - p) + b p at the target takes 1 - p from the forward's logp;
+    # 1 - p recomputed in fp32 from p would be ~5% off here
+    g = torch.Generator().manual_seed(0)
+    V = H = 64
+    N = 4
+    # z_j ~ 0 except z_t ~ 18: 1 - p ~ 63 e^-18 ~ 1e-6
+    w = torch.eye(V) + 0.01 * torch.randn(V, H, generator=g)
+    t = torch.arange(N) * 3
+    h = 18.0 * torch.eye(V)[t] + 0.3 * torch.randn(N, H, generator=g)
+    valid = torch.ones(N, dtype=torch.bool)
+    impl = _FUSED["triton_chunked"]
+    opts = LogitOptions()
+    _, state, _, _ = impl.forward(h, w, None, t, valid, opts)
+    want = _rows_truth(h, w, None, t, valid, None, acc=torch.float64)
+    omp = -torch.expm1(want["logp"])
+    assert (omp < 1e-5).all() and (omp > 1e-8).all(), omp
+    # b comparable to c (1 - p): the target column's gradient is c (1 - p) + b p ~ 2 (1 - p)
+    coef = torch.stack([torch.ones(N), omp.float()])
+    dx, _, _ = impl.backward(h, w, None, t, state, coef, opts, (True, False, False))
+    want = _rows_truth(h, w, None, t, valid, None, acc=torch.float64, coef=coef)
+    rel = ((dx.double() - want["dh"]).norm(dim=1) / want["dh"].norm(dim=1)).max().item()
+    assert rel < 1e-3, rel
+
+
+def _coef_fn_v2(kind, class_weight=None):
+    """A loss of (logp, lse, dotz, target) like the lead's terms: nll weighted by class_weight[y],
+    plus z-loss (kind 'z': [2, r]) or label smoothing (kind 'ls': [3, r]), on valid tokens."""
+    def fn(logp, lse, dotz, target, valid):
+        lp = logp.detach().double().requires_grad_()
+        ls = lse.detach().double().requires_grad_()
+        leaves = [lp, ls]
+        wy = class_weight[target].double() if class_weight is not None else torch.ones_like(lp)
+        per = -wy * lp + 0.1 * ls ** 2
+        if kind == "ls":
+            dz = dotz.detach().double().requires_grad_()
+            leaves.append(dz)
+            W = class_weight.double().sum() if class_weight is not None else float(class_weight_len[0])
+            per = per + 0.2 / class_weight_len[0] * (W * ls - dz)
+        per = torch.where(valid, per, torch.zeros_like(per))
+        total = per.sum()
+        grads = torch.autograd.grad(total, leaves)
+        return total.float(), valid.clone(), torch.stack([gr.float() for gr in grads])
+    return fn
+
+
+class_weight_len = [0]
+
+
+def _loss_truth(h, w, b, t, cw, kind, *, acc, softcap=None, logit_scale=None):
+    """The same loss summed over the batch on materialised logits (see _rows_truth for ``acc``)."""
+    cast = (lambda x: x.double()) if acc == torch.float64 else (lambda x: x)
+    hh = cast(h.detach()).clone().requires_grad_()
+    ww = cast(w.detach()).clone().requires_grad_()
+    bb = cast(b.detach()).clone().requires_grad_()
+    z = (hh @ ww.T + bb).to(acc)
+    if logit_scale is not None:
+        z = z * logit_scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    valid = t != -100
+    safe_t = torch.where(valid, t, torch.zeros_like(t))
+    logp = torch.log_softmax(z, -1).gather(1, safe_t[:, None])[:, 0]
+    lse = torch.logsumexp(z, -1)
+    per = -cw.to(acc)[safe_t] * logp + 0.1 * lse ** 2
+    if kind == "ls":
+        per = per + 0.2 / z.shape[1] * (cw.to(acc).sum() * lse - z @ cw.to(acc))
+    total = torch.where(valid, per, torch.zeros_like(per)).sum()
+    total.backward()
+    return dict(total=total.detach(), logp=logp.detach(), lse=lse.detach(), dh=hh.grad, dw=ww.grad, db=bb.grad)
+
+
+@pytest.mark.parametrize("kind", ["z", "ls"])
+@pytest.mark.parametrize("dtype", DTYPES_V2, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("backend", BACKENDS_V2)
+@pytest.mark.parametrize("sync", [False, True], ids=["compact", "sync_free"])
+def test_v2_forward_with_grad(monkeypatch, small_chunks, backend, dtype, kind, sync):
+    monkeypatch.setattr(triton_chunked, "SYNC_FREE", sync)
+    h, w, t, b, cw = _v2_inputs(dtype, H=16)
+    class_weight_len[0] = w.shape[0]
+    valid = t != -100
+    h = h.clone()
+    h[~valid] = float("nan")  # ignored rows never reach the result
+    clean = torch.where(valid[:, None], h, torch.zeros((), dtype=dtype))
+    dot = cw if kind == "ls" else None
+    calls = []
+    fn = _coef_fn_v2(kind, cw)
+
+    def coef_fn(logp, lse, dotz, target, v):
+        calls.append((logp.shape[0], dotz is None))
+        assert ((target >= 0) & (target < w.shape[0])).all()  # ignored rows' targets are safe to index
+        return fn(logp, lse, dotz, target, v)
+
+    out = _FUSED[backend].forward_with_grad(h, w, b, t, valid, LogitOptions(**V2_OPTS), coef_fn,
+                                            (True, True, True), row_stats=True, dot=dot)
+    assert len(out) == 8
+    total, logp, kept, argmax, dx, dw, db, rows = out
+    assert len(calls) > 1 and all(nodot == (dot is None) for _, nodot in calls)  # several chunks
+    want = _loss_truth(clean, w, b, t, cw, kind, acc=torch.float64, **V2_OPTS)
+    base = _loss_truth(clean, w, b, t, cw, kind, acc=torch.float32, **V2_OPTS)
+    _close("total", total, want["total"], base["total"], dtype)
+    _close("logp", logp[valid], want["logp"][valid], base["logp"][valid], dtype)
+    _close("lse", rows[0][valid], want["lse"][valid], base["lse"][valid], dtype)
+    assert torch.equal(kept, valid)
+    for name, got in (("dh", dx), ("dw", dw), ("db", db)):
+        assert torch.isfinite(got).all(), name
+        _close(name, got, want[name], base[name], dtype)
+    if kind == "ls":
+        z64 = logits64(clean, w, b, **V2_OPTS)
+        dotz_base = logits64(clean.float(), w.float(), b.float(), **V2_OPTS).float() @ cw
+        _close("dotz", rows[2][valid], (z64 @ cw.double())[valid], dotz_base[valid], dtype, k=4.0)
+
+
+def test_v2_bad_coefficients_are_clear_errors():
+    h, w, t, b, dot = _v2_inputs(torch.float32, N=6, V=40)
+    valid = t != -100
+    impl = _FUSED["triton_chunked"]
+    opts = LogitOptions()
+    _, state, _, _ = impl.forward(h, w, b, t, valid, opts)
+    with pytest.raises(ValueError, match=r"coef must have shape \[6\], \[2, 6\] or \[3, 6\]"):
+        impl.backward(h, w, b, t, state, torch.ones(4, 6), opts, (True, True, True))
+    with pytest.raises(ValueError, match="needs the dot vector"):
+        impl.backward(h, w, b, t, state, torch.ones(3, 6), opts, (True, True, True))
+    with pytest.raises(ValueError, match=r"dot must be a float32 tensor of shape \[V\] = \[40\]"):
+        impl.forward(h, w, b, t, valid, opts, dot=dot[:-1])

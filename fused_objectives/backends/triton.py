@@ -84,13 +84,15 @@ class TritonBackend:
             return self.fused
         return self.chunked
 
-    def forward(self, hidden, weight, bias, target, valid, opts: LogitOptions, row_stats: bool = False):
+    def forward(self, hidden, weight, bias, target, valid, opts: LogitOptions, row_stats: bool = False,
+                dot: Optional[torch.Tensor] = None):
         return self.per_token_strategy(hidden, weight).forward(hidden, weight, bias, target, valid, opts,
-                                                               row_stats=row_stats)
+                                                               row_stats=row_stats, dot=dot)
 
     def backward(self, hidden, weight, bias, target, state, coef, opts: LogitOptions,
-                 needs: Tuple[bool, bool, bool]):
-        return self.per_token_strategy(hidden, weight).backward(hidden, weight, bias, target, state, coef, opts, needs)
+                 needs: Tuple[bool, bool, bool], dot: Optional[torch.Tensor] = None):
+        return self.per_token_strategy(hidden, weight).backward(hidden, weight, bias, target, state, coef, opts, needs,
+                                                                dot=dot)
 
     @staticmethod
     def grad_in_forward(dtype: torch.dtype) -> bool:
@@ -102,6 +104,6 @@ class TritonBackend:
         return dtype != torch.float16
 
     def forward_with_grad(self, hidden, weight, bias, target, valid, opts: LogitOptions, coef_fn, needs,
-                          row_stats: bool = False):
+                          row_stats: bool = False, dot: Optional[torch.Tensor] = None):
         return self.chunked.forward_with_grad(hidden, weight, bias, target, valid, opts, coef_fn, needs,
-                                              row_stats=row_stats)
+                                              row_stats=row_stats, dot=dot)

@@ -7,17 +7,20 @@ of ``rows`` tokens:
 1. ``z = X_c @ W^T`` with ``torch.mm`` (cuBLAS on CUDA) into a reused ``[rows, V]`` buffer in the
    input dtype (fp32 accumulation inside the GEMM, one rounding: what eager PyTorch does);
 2. ``row_stats_kernel`` (kernels/rows.py): bias / scale / soft-cap in fp32, row max, argmax,
-   ``rest = sum exp(z - m)`` without the argmax's own term, target logit; then on ``[rows]``
-   vectors ``log_norm = log1p(rest)``, ``logp = z_t - m - log_norm``, ``1 - p = -expm1(logp)``
-   (confident tokens keep their digits), and the objective's coefficient ``c = dSum/dlogp``
-   through ``coef_fn`` (autograd on the ``[rows]`` vector);
-3. ``dz_kernel`` overwrites the buffer in place with ``c * (onehot - p)`` (times the soft-cap's
-   ``1 - tanh^2`` and ``logit_scale``) in the input dtype;
+   ``rest = sum exp(z - m)`` without the argmax's own term, target logit (and, when a ``dot``
+   vector u is given, ``dotz = sum_j u_j z_j``); then on ``[rows]`` vectors ``log_norm =
+   log1p(rest)``, ``lse = m + log_norm``, ``logp = z_t - m - log_norm``, ``1 - p = -expm1(logp)``
+   (confident tokens keep their digits), and the loss's coefficients through ``coef_fn(logp, lse,
+   dotz, target, valid)``: ``c = dSum/dlogp`` and optionally ``b = dSum/dlse``, ``g = dSum/ddotz``
+   (autograd on the ``[rows]`` vectors; backend contract v2, /work/coord/contract.md);
+3. ``dz_kernel`` overwrites the buffer in place with ``c (onehot - p) + b p + g u`` (times the
+   soft-cap's ``1 - tanh^2`` and ``logit_scale``) in the input dtype (the ``b`` / ``u`` terms are
+   compile-time switches: the classic ``[rows]`` coefficient compiles to the ``c`` kernel alone);
 4. ``dX_c = dz @ W`` (written once per row) and ``dW += dz^T @ X_c`` with ``torch.mm``;
    ``db += dz.sum(0)`` in fp32.
 
 **Sync-free mode** (for CUDA graphs and ``torch.compile``-friendly loops): no compaction and no host
-sync at all; every row is processed (ignored rows get a zero coefficient and a zeroed hidden state,
+sync at all; every row is processed (ignored rows get zero coefficients and a zeroed hidden state,
 so they contribute exactly nothing, but they do cost their GEMM FLOPs).  It is on when the
 environment variable ``FUSED_OBJECTIVES_SYNC_FREE=1`` is set, when the module attribute
 ``SYNC_FREE`` is set to True (``False`` forces compaction; ``None``, the default, defers to the
@@ -26,7 +29,7 @@ variable), and always while a CUDA graph is being captured (a sync there would f
 **Per-token upstream gradients** (``forward`` / ``backward``, e.g. ``reduction="none"``,
 ``target_logprob``): the forward runs steps 1-2 per token chunk and keeps ``(m, log_norm, logp)``
 (the same ``[3, N]`` state as the fused strategy).  The backward compacts the tokens with a non-zero
-coefficient (one sync; none in sync-free mode) and walks the vocabulary in slabs: per slab
+coefficient, any of ``c, b, g`` (one sync; none in sync-free mode) and walks the vocabulary in slabs: per slab
 ``z = X @ W_s^T`` (``[n, V_s]``), ``dz_kernel`` in place, ``dX += dz @ W_s`` (fp32 accumulator) and
 ``dW_s = dz^T @ X`` written once, in the input dtype.  4 GEMMs, no atomics anywhere.
 
@@ -206,13 +209,38 @@ class _Rows:
         return x
 
 
-def _row_pass(x, weight, bias, t, opts, bufs: _Buffers, entropy: bool = False):
-    """Steps 1-2: raw logits into the buffer and the row statistics (plus the rows' entropy, last,
-    when ``entropy``)."""
+def _row_pass(x, weight, bias, t, opts, bufs: _Buffers, entropy: bool = False, dot=None):
+    """Steps 1-2: raw logits into the buffer and the row statistics ``(z, m, log_norm, logp, argmax,
+    entropy | None, dotz | None)``."""
     from ..kernels import rows as row_kernels
 
     z = bufs.logits(x, weight)
-    return (z,) + tuple(row_kernels.row_stats(z, bias, t, opts, entropy=entropy))
+    return (z,) + tuple(row_kernels.row_stats(z, bias, t, opts, entropy=entropy, dot=dot))
+
+
+def _check_dot(dot: Optional[torch.Tensor], V: int, device) -> Optional[torch.Tensor]:
+    """The ``[V]`` fp32 dot vector, contiguous on ``device`` (None passes through)."""
+    if dot is None:
+        return None
+    if not isinstance(dot, torch.Tensor) or dot.shape != (V,) or dot.dtype != torch.float32:
+        raise ValueError(f"dot must be a float32 tensor of shape [V] = [{V}], got "
+                         f"{getattr(dot, 'dtype', type(dot).__name__)} {tuple(getattr(dot, 'shape', ()))}")
+    if dot.device != device:
+        raise ValueError(f"dot is on {dot.device}, the inputs on {device}")
+    return dot.contiguous()
+
+
+def _coef_rows(coef: torch.Tensor, n: int, has_dot: bool, what: str) -> int:
+    """How many coefficient rows ``coef`` carries: 1 for ``[n]`` (c), 2 for ``[2, n]`` (c, b), 3 for
+    ``[3, n]`` (c, b, g; only with a dot vector)."""
+    if not isinstance(coef, torch.Tensor):
+        raise TypeError(f"{what} must be a tensor, got {type(coef).__name__}")
+    k = 1 if coef.dim() == 1 else (coef.shape[0] if coef.dim() == 2 else 0)
+    if coef.dim() not in (1, 2) or coef.shape[-1] != n or not 1 <= k <= 3:
+        raise ValueError(f"{what} must have shape [{n}], [2, {n}] or [3, {n}], got {tuple(coef.shape)}")
+    if k == 3 and not has_dot:
+        raise ValueError(f"{what} of shape [3, {n}] (c, b, g) needs the dot vector u, and none was given")
+    return k
 
 
 def _add_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -235,39 +263,47 @@ class TritonChunkedBackend:
         return triton_common.unavailable_reason(self.name, device)
 
     # -- per-token primitives ------------------------------------------------------------------
-    def forward(self, hidden, weight, bias, target, valid, opts: LogitOptions, row_stats: bool = False):
+    def forward(self, hidden, weight, bias, target, valid, opts: LogitOptions, row_stats: bool = False,
+                dot: Optional[torch.Tensor] = None):
+        """``(logp, state [3, N], argmax, rows [3, N] = (lse, entropy, dotz))``; the entropy only when
+        ``row_stats``, dotz only with ``dot`` (else zeros, not computed)."""
         with torch.autocast(hidden.device.type, enabled=False):
-            return self._forward(hidden, weight, bias, target, valid, opts, row_stats)
+            return self._forward(hidden, weight, bias, target, valid, opts, row_stats, dot)
 
-    def _forward(self, hidden, weight, bias, target, valid, opts, row_stats=False):
+    def _forward(self, hidden, weight, bias, target, valid, opts, row_stats=False, dot=None):
         N = hidden.shape[0]
         V = weight.shape[0]
         dev = hidden.device
+        dot = _check_dot(dot, V, dev)
         state = torch.zeros(3, N, dtype=torch.float32, device=dev)
         argmax = torch.zeros(N, dtype=torch.int64, device=dev)
-        ent = torch.zeros(N, dtype=torch.float32, device=dev) if row_stats else None
+        rows_out = torch.zeros(3, N, dtype=torch.float32, device=dev)
         sel_rows = _Rows(valid, compact=not sync_free(dev))
         rows = min(max(sel_rows.count, 1), chunk_rows(V, hidden.dtype))
         buf = _Buffers(hidden.dtype, rows * V, dev) if sel_rows.count else None
         for sel, _n in sel_rows.chunks(rows):
             x = sel_rows.hidden(hidden, sel)
             t = sel_rows.take(target, sel)
-            _z, m, log_norm, logp, amax, *h = _row_pass(x, weight, bias, t, opts, buf, row_stats)
+            _z, m, log_norm, logp, amax, ent, dotz = _row_pass(x, weight, bias, t, opts, buf, row_stats, dot)
             sel_rows.put(state.T, sel, torch.stack([m, log_norm, logp], dim=1))
             sel_rows.put(argmax, sel, amax)
             if row_stats:
-                sel_rows.put(ent, sel, h[0])
+                sel_rows.put(rows_out[1], sel, ent)
+            if dot is not None:
+                sel_rows.put(rows_out[2], sel, dotz)
         logp = state[2].clone()
-        if row_stats:  # rows where valid is False: unspecified (the autograd layer masks them)
-            return logp, state, argmax, torch.stack([state[0] + state[1], ent])
-        return logp, state, argmax
+        # rows where valid is False: unspecified (the autograd layer masks them)
+        torch.add(state[0], state[1], out=rows_out[0])
+        return logp, state, argmax, rows_out
 
     def backward(self, hidden, weight, bias, target, state, coef, opts: LogitOptions,
-                 needs: Tuple[bool, bool, bool]):
+                 needs: Tuple[bool, bool, bool], dot: Optional[torch.Tensor] = None):
+        """Gradients ``(dx, dw, db)`` of ``sum_i c_i logp_i + b_i lse_i + g_i dotz_i`` with ``coef``
+        ``[N]`` (c), ``[2, N]`` (c, b) or ``[3, N]`` (c, b, g; with ``dot``)."""
         with torch.autocast(hidden.device.type, enabled=False):
-            return self._backward(hidden, weight, bias, target, state, coef, opts, needs)
+            return self._backward(hidden, weight, bias, target, state, coef, opts, needs, dot)
 
-    def _backward(self, hidden, weight, bias, target, state, coef, opts, needs):
+    def _backward(self, hidden, weight, bias, target, state, coef, opts, needs, dot=None):
         from ..kernels import rows as row_kernels
 
         need_dx, need_dw, need_db = needs
@@ -275,8 +311,12 @@ class TritonChunkedBackend:
         V = weight.shape[0]
         dev, dt = hidden.device, hidden.dtype
         f32 = torch.float32
-        # NaN coefficients stay active, so NaN reaches the gradients
-        sel_rows = _Rows(coef != 0, compact=not sync_free(dev))
+        dot = _check_dot(dot, V, dev)
+        k = _coef_rows(coef, N, dot is not None, "coef")
+        dot = dot if k == 3 else None  # a dot vector with c / (c, b) only: no g term to add
+        # a token is active when any of its coefficients is non-zero; NaN coefficients stay active,
+        # so NaN reaches the gradients
+        sel_rows = _Rows(coef != 0 if k == 1 else (coef != 0).any(dim=0), compact=not sync_free(dev))
         n = sel_rows.count
         # with active rows, each slab's first row chunk writes its dW rows: no zero fill
         dw = (torch.empty if n else torch.zeros)(V, H, dtype=weight.dtype, device=dev) if need_dw else None
@@ -289,7 +329,7 @@ class TritonChunkedBackend:
             m = sel_rows.take(state[0], sel).contiguous()
             log_norm = sel_rows.take(state[1], sel).contiguous()
             omp = (-torch.expm1(sel_rows.take(state[2], sel))).contiguous()
-            c = sel_rows.take(coef, sel).float().contiguous()
+            c = (sel_rows.take(coef, sel) if k == 1 else sel_rows.take(coef.T, sel).T).float().contiguous()
             # vocabulary slabs of the whole active set when the budget allows (dW_s written once);
             # otherwise row chunks too, and dW_s accumulates over them
             cols = min(V, max(MIN_SLAB_COLS, chunk_rows(n, dt) // MIN_SLAB_COLS * MIN_SLAB_COLS))
@@ -304,7 +344,7 @@ class TritonChunkedBackend:
                     r1 = min(n, r0 + rows)
                     z = bufs.logits(x[r0:r1], w_s)
                     dz = row_kernels.softmax_grad_(z, bias, t[r0:r1], m[r0:r1], log_norm[r0:r1], omp[r0:r1],
-                                                   c[r0:r1], opts, col0=v0, out=bufs.grad_out(z))
+                                                   c[..., r0:r1], opts, col0=v0, out=bufs.grad_out(z), dot=dot)
                     if need_dx:
                         if prod is None:
                             dx32[r0:r1].addmm_(dz, w_s)
@@ -328,14 +368,20 @@ class TritonChunkedBackend:
 
     # -- scalar losses: gradients in the forward ----------------------------------------------
     def forward_with_grad(self, hidden, weight, bias, target, valid, opts: LogitOptions, coef_fn: CoefFn,
-                          needs: Tuple[bool, bool, bool], row_stats: bool = False):
-        """``(total, logp, kept, argmax, dx, dw, db)``: the summed objective, per-token statistics,
-        and the gradients of ``total`` (None where not needed): dx / dw in the input dtype (dw in
-        fp32 when ``DW_ACCUMULATE == "fp32"``), db in fp32."""
+                          needs: Tuple[bool, bool, bool], row_stats: bool = False,
+                          dot: Optional[torch.Tensor] = None):
+        """``(total, logp, kept, argmax, dx, dw, db, rows [3, N])``: the summed loss, per-token
+        statistics, the gradients of ``total`` (None where not needed): dx / dw in the input dtype
+        (dw in fp32 when ``DW_ACCUMULATE == "fp32"``), db in fp32; and ``rows = (lse, entropy,
+        dotz)`` (entropy only when ``row_stats``, dotz only with ``dot``; else zeros).
+        ``coef_fn(logp, lse, dotz | None, target, valid) -> (chunk total, kept, coef [r] | [2, r] | [3, r])``
+        runs once per token chunk."""
         with torch.autocast(hidden.device.type, enabled=False):
-            return self._forward_with_grad(hidden, weight, bias, target, valid, opts, coef_fn, needs, row_stats)
+            return self._forward_with_grad(hidden, weight, bias, target, valid, opts, coef_fn, needs, row_stats,
+                                           dot)
 
-    def _forward_with_grad(self, hidden, weight, bias, target, valid, opts, coef_fn, needs, row_stats=False):
+    def _forward_with_grad(self, hidden, weight, bias, target, valid, opts, coef_fn, needs, row_stats=False,
+                           dot=None):
         from ..kernels import rows as row_kernels
 
         need_dx, need_dw, need_db = needs
@@ -343,6 +389,7 @@ class TritonChunkedBackend:
         V = weight.shape[0]
         dev, dt = hidden.device, hidden.dtype
         f32 = torch.float32
+        dot = _check_dot(dot, V, dev)
         if dt == torch.float16:
             # the stored gradients wait for the upstream scalar (a loss scaler's factor) until the
             # backward: in fp16's range c * p underflows first (dz < 6e-8), so fp16 works in fp32
@@ -351,7 +398,7 @@ class TritonChunkedBackend:
         logp_all = torch.zeros(N, dtype=f32, device=dev)
         kept_all = torch.zeros(N, dtype=torch.bool, device=dev)
         argmax_all = torch.zeros(N, dtype=torch.int64, device=dev)
-        rows_all = torch.zeros(2, N, dtype=f32, device=dev) if row_stats else None
+        rows_all = torch.zeros(3, N, dtype=f32, device=dev)
         total = torch.zeros((), dtype=f32, device=dev)
         # compacted rows never write the ignored ones: those need zeros; sync-free writes every row
         alloc = torch.zeros if compact else torch.empty
@@ -371,12 +418,24 @@ class TritonChunkedBackend:
             x = sel_rows.hidden(hidden, sel).to(dt)
             t = sel_rows.take(target, sel)
             v = sel_rows.take(valid, sel)
-            z, m, log_norm, logp, amax, *h = _row_pass(x, weight, bias, t, opts, buf, row_stats)
+            z, m, log_norm, logp, amax, ent, dotz = _row_pass(x, weight, bias, t, opts, buf, row_stats, dot)
+            lse = m + log_norm
+            sel_rows.put(rows_all[0], sel, lse)
             if row_stats:
-                sel_rows.put(rows_all.T, sel, torch.stack([m + log_norm, h[0]], dim=1))
+                sel_rows.put(rows_all[1], sel, ent)
+            if dot is not None:
+                sel_rows.put(rows_all[2], sel, dotz)
             if not compact:
-                logp = torch.where(v, logp, torch.zeros_like(logp))
-            tot, kept, c = coef_fn(logp, v)
+                # rows not valid (a zeroed hidden state, a target that may be out of range): zeros,
+                # so the objective never sees a NaN it would have to mask
+                zero = torch.zeros((), dtype=f32, device=dev)
+                logp = torch.where(v, logp, zero)
+                lse = torch.where(v, lse, zero)
+                dotz = None if dotz is None else torch.where(v, dotz, zero)
+                # and class 0 as their target: an ignore_index there must not index a class weight
+                t = torch.where(v, t, torch.zeros((), dtype=t.dtype, device=dev))
+            tot, kept, c = coef_fn(logp, lse, dotz, t, v)
+            k = _coef_rows(c, n, dot is not None, "coef_fn's coefficients")
             sel_rows.put(logp_all, sel, logp)
             sel_rows.put(kept_all, sel, kept)
             sel_rows.put(argmax_all, sel, amax)
@@ -385,7 +444,8 @@ class TritonChunkedBackend:
                 continue
             c = torch.where(v, c.float(), torch.zeros((), dtype=f32, device=dev)).contiguous()
             omp = (-torch.expm1(logp)).contiguous()
-            dz = row_kernels.softmax_grad_(z, bias, t, m, log_norm, omp, c, opts, out=buf.grad_out(z))
+            dz = row_kernels.softmax_grad_(z, bias, t, m, log_norm, omp, c, opts, out=buf.grad_out(z),
+                                           dot=dot if k == 3 else None)
             if need_dx:
                 if compact:
                     dx.index_copy_(0, sel, torch.mm(dz, weight))
@@ -401,4 +461,4 @@ class TritonChunkedBackend:
                     dw.addmm_(dz.T, x)
             if need_db:
                 db += dz.sum(dim=0, dtype=f32)
-        return (total, logp_all, kept_all, argmax_all, dx, dw, db) + ((rows_all,) if row_stats else ())
+        return total, logp_all, kept_all, argmax_all, dx, dw, db, rows_all

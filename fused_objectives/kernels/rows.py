@@ -6,12 +6,18 @@ in fp32 (``triton_chunked.LOGITS_FP32``), with fp32 accumulation inside the GEMM
 - ``row_stats_kernel``: per row, bias / scale / soft-cap applied on the fly in fp32, then the row
   max ``m``, the sum ``rest`` of ``exp(z - m)`` over every column *but the argmax* (whose own term
   is exactly 1: keeping it out keeps the digits of a small remainder, which set ``1 - p`` for
-  confident tokens), the first argmax and the target's logit;
+  confident tokens), the first argmax and the target's logit; on request (compile-time switches,
+  so the default pass does not pay for them) the softmax entropy's accumulator (``ENTROPY``) and
+  ``dotz = sum_j u_j z_j`` for a ``[V]`` fp32 vector ``u`` (``HAS_DOT``: linear in z, one more
+  fp32 accumulator, no rescaling);
 - ``dz_kernel``: writes the logits' gradient (in place, or into a second buffer of the input
-  dtype when the logits are fp32)
-  ``c_i * (onehot(y_i) - p_ij)``, times the soft-cap's ``1 - tanh^2`` and ``logit_scale``, in the
-  input dtype, from the row statistics (``p_ij = exp(z_ij - m_i - log_norm_i)``) and the
-  per-token ``1 - p`` at the target, which the launcher computes as ``-expm1(logp)``.
+  dtype when the logits are fp32) of ``sum_i c_i logp_i + b_i lse_i + g_i dotz_i``:
+  ``c_i (onehot(y_i) - p_ij) + b_i p_ij + g_i u_j``, times the soft-cap's ``1 - tanh^2`` and
+  ``logit_scale``, in the input dtype, from the row statistics (``p_ij = exp(z_ij - m_i -
+  log_norm_i)``) and the per-token ``1 - p`` at the target, which the launcher computes as
+  ``-expm1(logp)``: ``c (1 - p) + b p + g u`` at the target, ``(b - c) p + g u`` elsewhere.
+  The ``b`` and ``u`` terms are compile-time switches (``HAS_B``, ``HAS_DOT``): without them the
+  kernel is the classic ``c (onehot - p)``.
 
 Neither uses atomics: every program owns its rows (stats) or its tile (dz).
 """
@@ -29,8 +35,8 @@ from .common import transform_logits
 @triton.jit
 def row_stats_kernel(
     # pointers
-    z_ptr, b_ptr, tgt_ptr,
-    m_ptr, rest_ptr, amax_ptr, zt_ptr, sent_ptr,
+    z_ptr, b_ptr, tgt_ptr, dot_ptr,
+    m_ptr, rest_ptr, amax_ptr, zt_ptr, sent_ptr, sdot_ptr,
     # sizes
     M, C,
     # strides
@@ -39,6 +45,7 @@ def row_stats_kernel(
     logit_scale, softcap,
     # meta-parameters
     HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr, ENTROPY: tl.constexpr,
+    HAS_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -54,6 +61,8 @@ def row_stats_kernel(
     lane_zt = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
     # ENTROPY: sum of exp(z - lane_m) * (z - lane_m), rescaled with lane_m (the max's own term is 0)
     lane_s = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
+    # HAS_DOT: sum of u_j * z_j (linear in z: no rescaling when the max grows)
+    lane_dot = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
     for v0 in range(0, C, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         vmask = offs_v < C
@@ -61,6 +70,10 @@ def row_stats_kernel(
         z = tl.load(z_ptr + offs_m[:, None] * stride_zm + offs_v[None, :],
                     mask=mmask[:, None] & vmask[None, :], other=0.0).to(tl.float32)
         z, _d = transform_logits(z, offs_v, vmask, b_ptr, logit_scale, softcap, HAS_BIAS, HAS_SCALE, HAS_SOFTCAP)
+        if HAS_DOT:
+            u = tl.load(dot_ptr + offs_v, mask=vmask, other=0.0)
+            # columns past the row are -inf below: keep them out (0 * -inf is NaN)
+            lane_dot += tl.where(vmask[None, :], u[None, :] * z, 0.0)
         z = tl.where(vmask[None, :], z, float("-inf"))
         # strict '>': a tie keeps the earlier column (torch.argmax's first index); a NaN logit never
         # becomes the max but makes the sum, and so the loss, NaN
@@ -91,6 +104,8 @@ def row_stats_kernel(
         dl = tl.where(unused, 0.0, lane_m - m[:, None])
         s = tl.sum(tl.where(unused, 0.0, tl.exp(dl) * (lane_s + dl * (lane_rest + 1.0))), axis=1)
         tl.store(sent_ptr + offs_m, s, mask=mmask)
+    if HAS_DOT:
+        tl.store(sdot_ptr + offs_m, tl.sum(lane_dot, axis=1), mask=mmask)
     amax = amax.to(tl.int64)
     tl.store(m_ptr + offs_m, m, mask=mmask)
     tl.store(rest_ptr + offs_m, rest, mask=mmask)
@@ -101,15 +116,16 @@ def row_stats_kernel(
 @triton.jit
 def dz_kernel(
     # pointers
-    z_ptr, dz_ptr, b_ptr, tgt_ptr, m_ptr, log_norm_ptr, omp_ptr, coef_ptr,
+    z_ptr, dz_ptr, b_ptr, tgt_ptr, m_ptr, log_norm_ptr, omp_ptr, coef_ptr, dot_ptr,
     # sizes
     M, C, col0,
-    # strides
-    stride_zm, stride_dzm,
+    # strides (coef is [K, M]: c, then b when HAS_B, then g when HAS_DOT)
+    stride_zm, stride_dzm, stride_coef,
     # logit transforms
     logit_scale, softcap,
     # meta-parameters
     HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_B: tl.constexpr, HAS_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     pid_m = tl.program_id(0).to(tl.int64)
@@ -130,14 +146,29 @@ def dz_kernel(
     omp = tl.load(omp_ptr + offs_m, mask=mmask, other=0.0)
     coef = tl.load(coef_ptr + offs_m, mask=mmask, other=0.0)
     p = tl.exp((z - m[:, None]) - log_norm[:, None])
-    g = tl.where(offs_v[None, :] == tgt[:, None], omp[:, None], -p) * coef[:, None]
+    is_t = offs_v[None, :] == tgt[:, None]
+    if HAS_B:
+        # target: c (1 - p) + b p (1 - p from the forward's logp keeps a confident token's digits);
+        # elsewhere (b - c) p
+        cb = tl.load(coef_ptr + stride_coef + offs_m, mask=mmask, other=0.0)
+        g = tl.where(is_t, coef[:, None] * omp[:, None] + cb[:, None] * p, (cb - coef)[:, None] * p)
+        active = (coef != 0.0) | (cb != 0.0)
+    else:
+        g = tl.where(is_t, omp[:, None], -p) * coef[:, None]
+        active = coef != 0.0
+    if HAS_DOT:
+        # + g_i u_j: the constant-row term of dotz (HAS_DOT comes with HAS_B: coef is [3, M])
+        cg = tl.load(coef_ptr + 2 * stride_coef + offs_m, mask=mmask, other=0.0)
+        u = tl.load(dot_ptr + offs_v, mask=cmask, other=0.0)
+        g = g + cg[:, None] * u[None, :]
+        active = active | (cg != 0.0)
     if HAS_SOFTCAP:
         g = g * dcap
     if HAS_SCALE:
         g = g * logit_scale
-    # a zero coefficient (ignored or gated-out row) contributes exactly nothing, even where its
-    # logits are not finite; a NaN coefficient stays NaN
-    g = tl.where(coef[:, None] == 0.0, 0.0, g)
+    # a row whose coefficients are all zero (ignored or gated out) contributes exactly nothing, even
+    # where its logits are not finite; a NaN coefficient stays NaN
+    g = tl.where(active[:, None], g, 0.0)
     tl.store(dz_ptr + offs_m[:, None] * stride_dzm + offs_c[None, :], g.to(dz_ptr.dtype.element_ty), mask=mask)
 
 
@@ -151,10 +182,12 @@ def row_stats(
     target: torch.Tensor,
     opts: LogitOptions,
     entropy: bool = False,
+    dot: Optional[torch.Tensor] = None,
 ):
-    """``(m, log_norm, logp, argmax)`` [M] of the raw logits buffer ``z`` [M, V] (unit column stride),
-    plus the rows' softmax entropy [M] as a fifth value when ``entropy`` (a compile-time branch of
-    the kernel: the default pass does not pay for it).
+    """``(m, log_norm, logp, argmax, entropy, dotz)`` [M] of the raw logits buffer ``z`` [M, V]
+    (unit column stride); ``entropy`` (the rows' softmax entropy) is None unless asked for, ``dotz
+    = sum_j dot_j zz_j`` is None unless ``dot`` ([V] fp32) is given: compile-time branches of the
+    kernel, so the default pass does not pay for them.
 
     ``log_norm = log(sum_j exp(z_j - m))`` (``log1p`` of the remainder), ``logp = (z_t - m) -
     log_norm``; a target outside ``[0, V)`` gives NaN.  Equals, on the transformed fp32 logits
@@ -162,6 +195,7 @@ def row_stats(
     """
     M, C = z.shape
     assert z.stride(1) == 1 and target.shape == (M,) and target.is_contiguous()
+    assert dot is None or (dot.shape == (C,) and dot.dtype == torch.float32 and dot.stride(0) == 1)
     dev = z.device
     cfg = configs.rows_config()
     m = torch.empty(M, dtype=torch.float32, device=dev)
@@ -169,15 +203,16 @@ def row_stats(
     amax = torch.empty(M, dtype=torch.int64, device=dev)
     zt = torch.empty(M, dtype=torch.float32, device=dev)
     sent = torch.empty(M, dtype=torch.float32, device=dev) if entropy else None
+    sdot = torch.empty(M, dtype=torch.float32, device=dev) if dot is not None else None
     if M > 0:
         row_stats_kernel[(triton.cdiv(M, cfg.block_m),)](
-            z, _bias_arg(bias, z), target,
-            m, rest, amax, zt, sent if entropy else zt,
+            z, _bias_arg(bias, z), target, dot if dot is not None else zt,
+            m, rest, amax, zt, sent if entropy else zt, sdot if sdot is not None else zt,
             M, C,
             z.stride(0),
             opts.logit_scale or 1.0, opts.softcap or 1.0,
             HAS_BIAS=bias is not None, HAS_SCALE=opts.logit_scale is not None,
-            HAS_SOFTCAP=opts.softcap is not None, ENTROPY=entropy,
+            HAS_SOFTCAP=opts.softcap is not None, ENTROPY=entropy, HAS_DOT=dot is not None,
             BLOCK_M=cfg.block_m, BLOCK_V=cfg.block_v,
             num_warps=cfg.num_warps,
         )
@@ -185,10 +220,9 @@ def row_stats(
     logp = (zt - m) - log_norm
     in_range = (target >= 0) & (target < C)
     logp = torch.where(in_range, logp, torch.full_like(logp, float("nan")))
-    if entropy:
-        # H = log_norm - E_p[z - m] = log_norm - S / sum_j exp(z_j - m)
-        return m, log_norm, logp, amax, log_norm - sent / (rest + 1.0)
-    return m, log_norm, logp, amax
+    # H = log_norm - E_p[z - m] = log_norm - S / sum_j exp(z_j - m)
+    ent = log_norm - sent / (rest + 1.0) if entropy else None
+    return m, log_norm, logp, amax, ent, sdot
 
 
 def softmax_grad_(
@@ -202,26 +236,33 @@ def softmax_grad_(
     opts: LogitOptions,
     col0: int = 0,
     out: Optional[torch.Tensor] = None,
+    dot: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Write ``d(sum_i coef_i logp_i)/d raw_ij`` for the raw logits ``z`` [M, C] (vocabulary columns
-    ``col0 .. col0 + C``) into ``out`` (default: ``z`` itself, in place) in ``out``'s dtype; return it.
+    """Write ``d(sum_i c_i logp_i + b_i lse_i + g_i dotz_i)/d raw_ij`` for the raw logits ``z``
+    [M, C] (vocabulary columns ``col0 .. col0 + C``) into ``out`` (default: ``z`` itself, in place)
+    in ``out``'s dtype; return it.
 
-    Equals ``coef[:, None] * (onehot(target) - softmax(zz)) * dzz/draw`` with ``zz`` the transformed
-    fp32 logits, using the given row statistics (``one_minus_p`` is used at the target column).
-    ``bias`` is the whole ``[V]`` bias (indexed from ``col0``).
+    ``coef`` is fp32 ``[M]`` (c), ``[2, M]`` (c, b) or ``[3, M]`` (c, b, g; needs ``dot``, the whole
+    ``[V]`` fp32 vector u), unit stride along M.  Equals ``(c (onehot(target) - softmax(zz)) + b
+    softmax(zz) + g u) * dzz/draw`` with ``zz`` the transformed fp32 logits, using the given row
+    statistics (``one_minus_p`` is used at the target column).  ``bias`` is the whole ``[V]`` bias
+    (indexed from ``col0``).  Rows whose coefficients are all zero get exactly 0.
     """
     M, C = z.shape
     out = z if out is None else out
     assert z.stride(1) == 1 and out.stride(1) == 1 and out.shape == z.shape
+    k = 1 if coef.dim() == 1 else coef.shape[0]
+    assert coef.shape[-1] == M and coef.stride(-1) == 1 and coef.dtype == torch.float32 and 1 <= k <= 3
+    assert (k == 3) == (dot is not None), "coefficients [3, M] go with a dot vector, and only they"
     cfg = configs.dz_config()
     if M > 0 and C > 0:
         dz_kernel[(triton.cdiv(M, cfg.block_m), triton.cdiv(C, cfg.block_v))](
-            z, out, _bias_arg(bias, z), target, m, log_norm, one_minus_p, coef,
+            z, out, _bias_arg(bias, z), target, m, log_norm, one_minus_p, coef, dot if dot is not None else coef,
             M, C, col0,
-            z.stride(0), out.stride(0),
+            z.stride(0), out.stride(0), coef.stride(0) if k > 1 else 0,
             opts.logit_scale or 1.0, opts.softcap or 1.0,
             HAS_BIAS=bias is not None, HAS_SCALE=opts.logit_scale is not None,
-            HAS_SOFTCAP=opts.softcap is not None,
+            HAS_SOFTCAP=opts.softcap is not None, HAS_B=k >= 2, HAS_DOT=k == 3,
             BLOCK_M=cfg.block_m, BLOCK_V=cfg.block_v,
             num_warps=cfg.num_warps,
         )
