@@ -202,3 +202,19 @@ def test_learnable_objective_with_class_weight(fused_backend, monkeypatch):
         loss.backward()
         grads[name] = a.grad.cpu()
     torch.testing.assert_close(grads[fused_backend], grads["reference"], rtol=1e-4, atol=1e-6)
+
+
+def test_module_carries_the_terms():
+    """LinearObjectiveLoss validates the terms at construction, keeps class_weight as a buffer (it
+    follows .to() and the state_dict) and equals the functional call."""
+    import pickle
+
+    cw = weights()
+    m = fo.LinearObjectiveLoss("nll", z_loss=1e-3, label_smoothing=0.1, class_weight=cw, backend="reference")
+    h, w, t, _ = make_inputs(N=9, H=8, V=V, device=torch.device("cpu"))
+    want = fo.linear_objective_loss(h, w, t, z_loss=1e-3, label_smoothing=0.1, class_weight=cw, backend="reference")
+    assert torch.equal(m(h, w, t), want)
+    assert torch.equal(pickle.loads(pickle.dumps(m))(h, w, t), want)
+    assert "class_weight" in m.state_dict() and torch.equal(m.to(torch.float64).class_weight, cw.double())
+    with pytest.raises(ValueError, match="label_smoothing"):
+        fo.LinearObjectiveLoss("nll", label_smoothing=2.0)
