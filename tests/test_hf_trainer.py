@@ -261,3 +261,144 @@ def test_trl_wrapping_a_patched_model_in_peft_itself_still_trains_on_the_objecti
         torch.testing.assert_close(loss.detach().double(), want, rtol=1e-5, atol=1e-7)
         trainer.train()
     assert all(0.0 <= h["loss"] <= 1.0 for h in trainer.state.log_history if "loss" in h)
+
+
+# ----------------------------------------------------------------------------- trainers that bypass the patch
+def test_trainer_label_smoothing_factor_is_refused_not_silently_trained(tmp_path):
+    """Trainer(label_smoothing_factor) pops the labels and smooths a cross-entropy of the full logits: on a
+    patched model that would train smoothed NLL instead of neg_p; the patched forward refuses, naming the fix."""
+    ids, labels = examples()
+    m = tiny()
+    fo.patch_model(m, objective="neg_p")
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    trainer = transformers.Trainer(model=m, args=_args(tmp_path, label_smoothing_factor=0.1),
+                                   train_dataset=_ListDataset(ids, labels), eval_dataset=_ListDataset(ids, labels))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match=r"label_smoothing_factor=0 .*patch_model\(model, objective=\.\.\., "
+                                             r"label_smoothing=0\.1\)"):
+            trainer.train()
+        with pytest.raises(ValueError, match="label_smoothing_factor"):
+            trainer.evaluate()
+    for n, p in m.named_parameters():
+        assert torch.equal(p, before[n]), n
+    # without the Trainer's smoother the same model trains (the call without labels is refused only there)
+    fo.unpatch_model(m)
+    assert m(input_ids=ids).logits is not None
+
+
+def test_trainer_compute_loss_func_warns_once(tmp_path):
+    ids, labels = examples()
+    m = tiny()
+    fo.patch_model(m, objective="neg_p")
+
+    def my_loss(outputs, labels, num_items_in_batch=None):
+        return outputs.logits.float().logsumexp(-1).mean()
+
+    trainer = transformers.Trainer(model=m, args=_args(tmp_path, max_steps=2), train_dataset=_ListDataset(ids, labels),
+                                   compute_loss_func=my_loss)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    ours = [w for w in caught if "compute_loss_func" in str(w.message) and "neg_p" in str(w.message)]
+    assert len(ours) == 1, [str(w.message) for w in caught]
+
+
+def _accuracy(eval_pred):
+    """Next-token accuracy from logits [B, T, V] or argmax ids [B, T] (position t predicts label t + 1)."""
+    preds, labels = eval_pred.predictions, eval_pred.label_ids
+    if preds.ndim == 3:
+        preds = preds.argmax(-1)
+    preds, labels = preds[:, :-1], labels[:, 1:]
+    mask = labels != -100
+    return {"accuracy": float((preds[mask] == labels[mask]).mean()), "n": int(mask.sum())}
+
+
+@pytest.mark.parametrize("how", ["logits", "ids", "logits+preprocess"])
+def test_trainer_evaluate_gives_compute_metrics_predictions(tmp_path, how):
+    """trainer.evaluate() with compute_metrics: the patched model's predictions give the unpatched model's
+    accuracy (the logits by default; argmax ids with eval_predictions='ids', no [N, V] tensor)."""
+    ids, labels = examples()
+    g = torch.Generator().manual_seed(5)
+    for t in range(1, T):  # about half the next tokens repeat the current one
+        ids[:, t] = torch.where(torch.rand(len(ids), generator=g) < 0.5, ids[:, t - 1], ids[:, t])
+    labels = torch.where(labels == -100, labels, ids)
+    m = tiny()
+    with torch.no_grad():  # a model that predicts some of them: the logits favour the input token
+        m.lm_head.weight.add_(2.0 * m.model.embed_tokens.weight)
+    kw = {}
+    if how == "logits+preprocess":
+        kw["preprocess_logits_for_metrics"] = lambda logits, labels: logits.argmax(-1)
+    args = _args(tmp_path)
+    ref = transformers.Trainer(model=m, args=args, eval_dataset=_ListDataset(ids, labels), compute_metrics=_accuracy,
+                               **kw).evaluate()
+    fo.patch_model(m, objective="nll", **({"eval_predictions": "ids"} if how == "ids" else {}))
+    got = transformers.Trainer(model=m, args=args, eval_dataset=_ListDataset(ids, labels), compute_metrics=_accuracy,
+                               **kw).evaluate()
+    # the truth, from the model's own float64 logits
+    m.eval()
+    with torch.no_grad():
+        fo.unpatch_model(m)
+        logits = m(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.double()
+    target = labels[:, 1:]
+    mask = target != -100
+    want = float((logits[:, :-1].argmax(-1)[mask] == target[mask]).double().mean())
+    assert 0.0 < want < 1.0
+    assert got["eval_n"] == ref["eval_n"] == int(mask.sum())
+    assert got["eval_accuracy"] == pytest.approx(want) and ref["eval_accuracy"] == pytest.approx(want)
+    assert got["eval_loss"] == pytest.approx(ref["eval_loss"], rel=1e-5)
+
+
+def test_trainer_evaluate_loss_only_builds_no_logits(tmp_path, monkeypatch):
+    """Without compute_metrics Trainer evaluates with prediction_loss_only: the patched head builds no logits."""
+    ids, labels = examples()
+    m = tiny()
+    fo.patch_model(m, objective="neg_p")
+    widths = []
+    linear_forward = torch.nn.Linear.forward
+
+    def counting(self, x):
+        widths.append(self.out_features)
+        return linear_forward(self, x)
+
+    monkeypatch.setattr(torch.nn.Linear, "forward", counting)
+    trainer = transformers.Trainer(model=m, args=_args(tmp_path), eval_dataset=_ListDataset(ids, labels))
+    metrics = trainer.evaluate()
+    assert widths and V not in widths
+    m.eval()
+    with torch.no_grad():
+        out = m(input_ids=ids, labels=labels)  # outside a Trainer: eval_predictions="logits" builds them
+    assert V in widths and out.logits.shape == (*ids.shape, V)
+    assert metrics["eval_loss"] == pytest.approx(out.loss.item(), rel=1e-6)
+
+
+def test_trl_loss_types_that_transform_log_probs_are_refused(tmp_path):
+    """TRL loss_type='dft' reweights TRL's log_probs by exp(log_probs): with a patched neg_p (log_probs = p - 1)
+    it would train neither DFT nor neg_p; refused. TRL's label smoothing (full logits) is refused as Trainer's."""
+    trl = pytest.importorskip("trl")
+    m = tiny()
+    fo.patch_model(m, objective="neg_p")
+    common = dict(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, report_to=[],
+                  save_strategy="no", use_cpu=True, max_length=32, dataloader_num_workers=0, disable_tqdm=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for extra, match in ((dict(loss_type="dft"), r"loss_type='dft'.*objective 'neg_p'.*loss_type='nll'"),
+                             (dict(label_smoothing_factor=0.1), r"label_smoothing_factor=0 ")):
+            trainer = trl.SFTTrainer(model=m, args=trl.SFTConfig(**common, **extra), train_dataset=_sft_dataset(),
+                                     processing_class=_tokenizer())
+            batch = next(iter(trainer.get_train_dataloader()))
+            with pytest.raises(ValueError, match=match):
+                trainer.compute_loss(trainer.model, dict(batch))
+        # DFT on a plain NLL patch: log_probs are the log-probabilities, so TRL's DFT is right
+        fo.patch_model(m, objective="nll")
+        trainer = trl.SFTTrainer(model=m, args=trl.SFTConfig(**common, loss_type="dft"), train_dataset=_sft_dataset(),
+                                 processing_class=_tokenizer())
+        batch = next(iter(trainer.get_train_dataloader()))
+        loss = trainer.compute_loss(trainer.model, dict(batch))
+    plain = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
+    with torch.no_grad():
+        logits = m(input_ids=plain["input_ids"], attention_mask=plain["attention_mask"]).logits.double()
+    target = torch.cat([plain["labels"][:, 1:], torch.full_like(plain["labels"][:, :1], -100)], 1)
+    valid = target != -100
+    lp = torch.log_softmax(logits, -1).gather(-1, target.clamp(min=0)[..., None])[..., 0][valid]
+    torch.testing.assert_close(loss.detach().double(), (-lp * lp.exp()).mean(), rtol=1e-5, atol=1e-7)

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
+import torch
 
 from ...functional import validate_options
 from ...objectives import Objective, get_objective
@@ -14,7 +15,10 @@ MIN_TRANSFORMERS_VERSION = "4.56.0"
 
 
 _OPTION_DEFAULTS = dict(ignore_index=-100, normalize="valid", backend="auto", return_logits=False,
-                        eval_objective=None, liger=False)
+                        eval_objective=None, liger=False, z_loss=0.0, label_smoothing=0.0, class_weight=None,
+                        eval_predictions="logits")
+#: what an evaluation-mode call with labels returns besides the loss (see ``PatchOptions``)
+EVAL_PREDICTIONS = ("logits", "ids", "none")
 _NOT_OPTIONS = {
     "softcap": "it is read from the model config (final_logit_softcapping)",
     "logit_scale": "it is read from the model config (logit_scale, logits_scaling, lm_head_multiplier)",
@@ -46,6 +50,14 @@ class PatchOptions:
     ``return_logits``: also build and return the logits on training calls (costs the ``[N, V]``
     memory the patch saves).  ``eval_objective``: objective used while ``model.training`` is False
     (None: the training objective).  ``liger``: apply Liger-Kernel's RMSNorm/RoPE/SwiGLU (CUDA).
+    ``z_loss``, ``label_smoothing``, ``class_weight``: the loss terms of ``linear_objective_loss``
+    (``class_weight`` is moved to the head's device at each call).
+    ``eval_predictions``: what a call with labels returns besides the loss while ``model.training``
+    is False, for ``Trainer.evaluate``'s ``compute_metrics``: ``"logits"`` (the ``[..., V]`` logits,
+    computed by the head as unpatched: the memory of one batch's logits, as an unpatched evaluation
+    holds them; skipped when a ``Trainer`` evaluates with ``prediction_loss_only``), ``"ids"``
+    (``predicted``: the argmax token id of every position, ``[...]`` int64, from the fused pass, no
+    ``[N, V]`` tensor; ``logits`` stays None) or ``"none"`` (the loss only).
     """
 
     objective: Objective
@@ -55,6 +67,27 @@ class PatchOptions:
     return_logits: bool = False
     eval_objective: Optional[Objective] = None
     liger: bool = False
+    z_loss: float = 0.0
+    label_smoothing: float = 0.0
+    class_weight: Optional[torch.Tensor] = field(default=None, compare=False)
+    eval_predictions: str = "logits"
+
+    @property
+    def plain_nll(self) -> bool:
+        """The per-token loss is exactly ``-log p(target)`` (what TRL's fused-head protocol calls log_probs)."""
+        return (self.objective.name == "nll" and self.z_loss == 0 and self.label_smoothing == 0
+                and self.class_weight is None)
+
+    def loss_terms(self, device) -> dict:
+        """The loss-term keywords of ``linear_objective_loss`` (only the ones set), weights on ``device``."""
+        terms = {}
+        if self.z_loss:
+            terms["z_loss"] = self.z_loss
+        if self.label_smoothing:
+            terms["label_smoothing"] = self.label_smoothing
+        if self.class_weight is not None:
+            terms["class_weight"] = self.class_weight.to(device)
+        return terms
 
 
 def _make_options(objective, loss_options: dict) -> PatchOptions:
@@ -75,12 +108,20 @@ def _make_options(objective, loss_options: dict) -> PatchOptions:
     for name in ("return_logits", "liger"):
         if not isinstance(opts[name], bool):
             raise TypeError(f"{name} must be a bool, got {type(opts[name]).__name__}")
+    if opts["eval_predictions"] not in EVAL_PREDICTIONS:
+        raise ValueError(f"eval_predictions must be one of {EVAL_PREDICTIONS}, got {opts['eval_predictions']!r}")
+    cw = opts["class_weight"]
     # the loss's own validation, now rather than at the first training step (backend="cpux", a bad
-    # objective spec, an ignore_index no int64 target can hold, ...)
-    validate_options(objective=objective, ignore_index=ii, normalize=opts["normalize"], backend=opts["backend"])
+    # objective spec, an ignore_index no int64 target can hold, a negative z_loss, a class_weight
+    # that is not [V], ...)
+    terms = {k: opts[k] for k in ("z_loss", "label_smoothing", "class_weight") if k in loss_options}
+    validate_options(objective=objective, ignore_index=ii, normalize=opts["normalize"], backend=opts["backend"],
+                     **terms)
     ev = opts["eval_objective"]
     if ev is not None:
         validate_options(objective=ev)
     return PatchOptions(objective=get_objective(objective), ignore_index=int(ii), normalize=opts["normalize"],
                         backend=opts["backend"], return_logits=opts["return_logits"],
-                        eval_objective=None if ev is None else get_objective(ev), liger=opts["liger"])
+                        eval_objective=None if ev is None else get_objective(ev), liger=opts["liger"],
+                        z_loss=float(opts["z_loss"]), label_smoothing=float(opts["label_smoothing"]),
+                        class_weight=cw, eval_predictions=opts["eval_predictions"])

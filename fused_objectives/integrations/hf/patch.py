@@ -118,10 +118,17 @@ def patch_model(model_or_model_type, objective="neg_p", **loss_options):
     that class, including future ones).  ``loss_options``: ``ignore_index`` (-100), ``normalize``
     (``"valid"``: Hugging Face's mean over valid tokens, or sum / ``num_items_in_batch``; ``"kept"``:
     the paper's mean over tokens passing the gate), ``backend``, ``return_logits`` (False),
-    ``eval_objective`` (None) and ``liger`` (False).  Patching again replaces the options.
+    ``eval_objective`` (None), ``liger`` (False), the loss terms ``z_loss`` (0.0),
+    ``label_smoothing`` (0.0) and ``class_weight`` (None) of ``linear_objective_loss``, and
+    ``eval_predictions`` (``"logits"``; see ``PatchOptions``).  Patching again replaces the options.
 
-    A call with ``labels`` returns the fused loss (plus the model's own MoE auxiliary loss) and
-    ``logits=None``; a call without labels is the original forward.  Returns the argument.
+    A training call with ``labels`` returns the fused loss (plus the model's own MoE auxiliary loss)
+    and ``logits=None``; an evaluation call (``model.training`` False) with labels also returns what
+    ``eval_predictions`` says; a call without labels is the original forward.  Returns the argument.
+
+    Use ``label_smoothing=`` here, not ``TrainingArguments(label_smoothing_factor=...)``: Trainer's
+    label smoother calls the model without labels and smooths a cross-entropy of the full logits,
+    outside the patch; a patched model refuses that call (``ValueError`` naming the fix).
     """
     options = _make_options(objective, loss_options)
     kind, obj, outer = _resolve(model_or_model_type)
@@ -152,6 +159,7 @@ def _install(kind, obj, outer, options, model_or_model_type):
         scale, softcap = _logit_transform(obj)
         if softcap is not None and softcap <= 0:
             _refuse(obj, f"its config declares final_logit_softcapping={softcap}")
+        _check_class_weight(obj, options)
     if options.liger:
         _apply_liger(kind, obj)
     state = _own_state(kind, obj)
@@ -181,6 +189,18 @@ def _install(kind, obj, outer, options, model_or_model_type):
         object.__setattr__(obj, _STATE, state)
         _install_hooks(obj, outer, state)
     return model_or_model_type
+
+
+def _check_class_weight(model, options) -> None:
+    """A ``class_weight`` must have one entry per row of the instance's head (a class patch: at the call)."""
+    cw = options.class_weight
+    if cw is None:
+        return
+    head = model.get_output_embeddings()
+    vocab = getattr(getattr(head, "weight", None), "shape", (None,))[0]
+    if vocab is not None and tuple(cw.shape) != (vocab,):
+        raise ValueError(f"class_weight must have shape [V] = ({vocab},) for this model's LM head "
+                         f"({type(model).__name__}), got {tuple(cw.shape)}")
 
 
 def _own_state(kind, obj) -> Optional[_PatchState]:

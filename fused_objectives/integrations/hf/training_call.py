@@ -14,6 +14,7 @@ from ...functional import linear_objective_loss
 from .head import _apply_transform, _check_head, _head_params, _logit_transform, _text_config
 from .refusals import UnsupportedModelError, _refuse
 from .state import _ACTIVE, _MISSING, _PatchState, _active_depth
+from .trainers import check_call_without_labels, check_trl_loss_type, prediction_loss_only
 
 
 _PROBE = (-30.0, -4.0, -1.0, 0.0, 0.5, 2.0, 7.0, 30.0)
@@ -62,15 +63,18 @@ def _same(a, b) -> bool:
 class _Call:
     """State of one patched training forward: what the head computed and what the loss must see."""
 
-    def __init__(self, model, state, objective, labels, shift_labels, num_items, trl, keep_given=False):
+    def __init__(self, model, state, objective, labels, shift_labels, num_items, trl, keep_given=False,
+                 predictions=None):
         self.model, self.state, self.objective = model, state, objective
         self.keep_given = keep_given
+        # besides the loss: "logits" (the head's own output), "ids" (argmax ids) or None
+        self.predictions = predictions
         self.labels, self.shift_labels, self.num_items, self.trl = labels, shift_labels, num_items, trl
         self.scale, self.softcap = _logit_transform(model)
         self.head_calls = self.loss_calls = 0
         self.head_done = False
         self.vocab = None
-        self.loss = self.per_token = self.stats = self.target_shape = None
+        self.loss = self.per_token = self.stats = self.target_shape = self.predicted = None
         self.stand_in = self.received = None
 
     def head_forward(self, head, original, x, *args, **kwargs):
@@ -112,19 +116,27 @@ class _Call:
                              "gradient accumulation; use normalize='valid', or set model.accepts_loss_kwargs = "
                              "False so Trainer averages each micro-batch itself")
         common = dict(objective=self.objective, ignore_index=opts.ignore_index, normalize=opts.normalize,
-                      softcap=self.softcap, logit_scale=self.scale, backend=opts.backend)
+                      softcap=self.softcap, logit_scale=self.scale, backend=opts.backend,
+                      **opts.loss_terms(x.device))
         if self.trl:
             self.per_token, self.stats = linear_objective_loss(h2, w, target, b, reduction="none",
                                                                return_stats=True, **common)
+            if opts.class_weight is not None and self.num_items is None:
+                self._reweigh_for_trl(target, opts)
             n = self.stats.n_kept if opts.normalize == "kept" else self.stats.n_valid
             denom = n if self.num_items is None else torch.as_tensor(self.num_items, device=n.device)
             denom = denom.to(torch.float32)
             self.loss = self.per_token.sum() / denom.clamp(min=1)
             source = self.per_token
+        elif self.predictions == "ids":
+            self.loss, stats = linear_objective_loss(h2, w, target, b, num_items_in_batch=self.num_items,
+                                                     return_stats=True, **common)
+            self.predicted = stats.predicted.reshape(self.target_shape)
+            source = self.loss
         else:
             self.loss = linear_objective_loss(h2, w, target, b, num_items_in_batch=self.num_items, **common)
             source = self.loss
-        if opts.return_logits:
+        if self.returns_logits:
             stand = original(x)
         else:
             probe = torch.tensor(_PROBE, dtype=out_dtype, device=x.device)
@@ -134,6 +146,26 @@ class _Call:
         if torch.is_grad_enabled() and source.requires_grad:
             return _Tie.apply(stand, source)
         return stand
+
+    @property
+    def returns_logits(self) -> bool:
+        return self.state.options.return_logits or self.predictions == "logits"
+
+    def _reweigh_for_trl(self, target, opts):
+        """TRL divides the sum of ``-log_probs`` by the number of tokens; with class weights the patched mean
+        divides the objective's part by the sum of the weights instead (``F.cross_entropy(weight=...)``), so
+        scale that part of each token by count / sum of weights (the z-loss part keeps its count mean)."""
+        stats = self.stats
+        mask = stats.kept if opts.normalize == "kept" else stats.valid
+        mask = mask.reshape(-1)
+        z = stats.z_loss.reshape(-1) if getattr(stats, "z_loss", None) is not None else torch.zeros_like(
+            self.per_token)
+        weight = opts.class_weight.to(target.device, torch.float32)
+        wsum = torch.where(mask, weight[target.clamp(min=0)], torch.zeros((), device=target.device)).sum()
+        count = mask.sum().to(torch.float32)
+        scale = torch.where(wsum > 0, count / wsum.clamp(min=torch.finfo(torch.float32).tiny),
+                            torch.zeros((), device=wsum.device))
+        self.per_token = (self.per_token - z) * scale + z
 
     def loss_function(self, logits=None, labels=None, vocab_size=None, num_items_in_batch=None,
                       ignore_index=-100, shift_labels=None, **_ignored):
@@ -156,7 +188,7 @@ class _Call:
             # a family that passes vocab_size=logits.shape[-1] reads the stand-in's width: fine unless its
             # config declares a padded head whose extra rows it slices off (unpadded_vocab_size)
             unpadded = getattr(_text_config(model), "unpadded_vocab_size", None)
-            reads_width = (isinstance(logits, torch.Tensor) and not opts.return_logits
+            reads_width = (isinstance(logits, torch.Tensor) and not self.returns_logits
                            and int(vocab_size) == logits.shape[-1] == self.stand_in.shape[-1])
             if not reads_width or (isinstance(unpadded, int) and unpadded < self.vocab):
                 _refuse(model, f"its loss is over vocab_size={unpadded if reads_width else vocab_size} but its "
@@ -248,16 +280,20 @@ def _run(model, state: _PatchState, original, args, kwargs):
         labels = args[idx]
     _ACTIVE.depth = _active_depth() + 1
     try:
-        if labels is None:
-            return original(*args, **kwargs)
         opts = state.options
+        if labels is None:
+            # a Trainer computing the loss itself from the full logits (label smoothing, compute_loss_func)
+            check_call_without_labels(model, opts)
+            return original(*args, **kwargs)
         objective = opts.eval_objective if (opts.eval_objective is not None and not model.training) else opts.objective
+        if trl:
+            check_trl_loss_type(model, opts, objective)
         head = model.get_output_embeddings()
         _check_head(model, head, model.training)
         keep = kwargs.get("logits_to_keep", 0)
         keep_given = isinstance(keep, torch.Tensor) or keep not in (0, None)
         call = _Call(model, state, objective, labels, kwargs.get("shift_labels"), kwargs.get("num_items_in_batch"), trl,
-                     keep_given)
+                     keep_given, _eval_predictions(model, opts, trl))
         return_dict = kwargs.pop("return_dict", None)
         if return_dict is None:
             return_dict = getattr(model.config, "return_dict", True)
@@ -280,13 +316,26 @@ def _run(model, state: _PatchState, original, args, kwargs):
                            "(it computes the cross-entropy inline)")
         if not hasattr(out, "keys"):
             _refuse(model, f"its forward returns a {type(out).__name__}, not a ModelOutput, with return_dict=True")
-        if not opts.return_logits:
+        if not call.returns_logits:
             _set_field(out, "logits", None)
+        if call.predicted is not None:
+            _set_field(out, "predicted", call.predicted)
         if trl:
             _add_trl_fields(model, call, out)
         return out if return_dict else out.to_tuple()
     finally:
         _ACTIVE.depth -= 1
+
+
+def _eval_predictions(model, opts, trl) -> Optional[str]:
+    """What an evaluation call returns besides the loss (``PatchOptions.eval_predictions``): nothing in
+    training, for TRL's fused-head protocol (its own fields), or when a Trainer evaluates with
+    ``prediction_loss_only`` (it discards them)."""
+    if model.training or trl or opts.eval_predictions == "none":
+        return None
+    if opts.eval_predictions == "logits" and opts.return_logits:
+        return "logits"
+    return None if prediction_loss_only() else opts.eval_predictions
 
 
 def _add_trl_fields(model, call, out):

@@ -1,0 +1,111 @@
+"""Trainers that compute the loss around a patched model: found on the call stack, refused or warned.
+
+``transformers.Trainer`` (and TRL's ``SFTTrainer``) decide in ``compute_loss`` whether the model's own
+loss is used.  Three of their settings bypass the patch or misread it, and would train something other
+than the patched objective without a word:
+
+- ``TrainingArguments(label_smoothing_factor=eps)``: ``compute_loss`` pops the labels, calls the model
+  without them and smooths a cross-entropy of the full logits (``self.label_smoother``): refused, the fix
+  being ``patch_model(..., label_smoothing=eps)`` with ``label_smoothing_factor=0``;
+- ``Trainer(compute_loss_func=f)``: the same call without labels, the loss being ``f``'s: one warning per
+  trainer (the user wrote that loss on purpose, but the patched objective does not train);
+- TRL ``SFTConfig(loss_type="dft")`` (any ``loss_type`` but ``"nll"``): TRL reweights the per-token
+  ``log_probs`` of its fused-head protocol, which the patch fills with the negated objective: refused
+  unless that objective is the plain NLL (then ``log_probs`` are the log-probabilities).
+
+The trainer is the ``self`` of the nearest ``compute_loss`` (or ``prediction_step``) frame that is a
+``transformers.Trainer``; only its public attributes are read (``label_smoother``,
+``compute_loss_func``, ``args.loss_type``) and ``prediction_step``'s documented ``prediction_loss_only``
+argument.  Nothing is looked up unless ``transformers.trainer`` was imported.
+"""
+from __future__ import annotations
+
+import sys
+import warnings
+import weakref
+from typing import Optional, Tuple
+
+_MAX_DEPTH = 48  # frames between a Trainer method and the patched forward (accelerate / DDP / PEFT wrappers)
+_WARNED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _trainer_frame(method: str) -> Tuple[Optional[object], Optional[dict]]:
+    """``(trainer, that frame's locals)`` of the nearest ``Trainer.<method>`` frame calling us, or ``(None, None)``."""
+    module = sys.modules.get("transformers.trainer")
+    trainer_cls = getattr(module, "Trainer", None)
+    if trainer_cls is None:
+        return None, None
+    frame = sys._getframe(1)
+    try:
+        for _ in range(_MAX_DEPTH):
+            if frame is None:
+                break
+            if frame.f_code.co_name == method:
+                local = frame.f_locals
+                trainer = local.get("self")
+                if isinstance(trainer, trainer_cls):
+                    return trainer, local
+            frame = frame.f_back
+        return None, None
+    finally:
+        del frame
+
+
+def check_call_without_labels(model, options) -> None:
+    """A patched model called without labels from a Trainer's ``compute_loss``: the Trainer computes the loss."""
+    trainer, _ = _trainer_frame("compute_loss")
+    if trainer is None:
+        return
+    args = getattr(trainer, "args", None)
+    if getattr(trainer, "label_smoother", None) is not None and getattr(args, "loss_type", "nll") == "nll":
+        eps = getattr(args, "label_smoothing_factor", None)
+        raise ValueError(
+            f"{type(trainer).__name__}(label_smoothing_factor={eps}) computes the loss itself: it calls the model "
+            f"without labels and smooths a cross-entropy of the full [N, V] logits, so this model patched by "
+            f"fused_objectives (objective {options.objective.name!r}) would train that instead of its objective. "
+            f"Set label_smoothing_factor=0 in the training arguments and patch with "
+            f"fo.patch_model(model, objective=..., label_smoothing={eps}) (the fused loss then smooths the "
+            f"objective, exactly F.cross_entropy(label_smoothing=...) for objective='nll').")
+    if getattr(trainer, "compute_loss_func", None) is not None:
+        seen = _WARNED.setdefault(trainer, set())
+        if "compute_loss_func" not in seen:
+            seen.add("compute_loss_func")
+            warnings.warn(
+                f"{type(trainer).__name__} has a compute_loss_func: it calls the model without labels and computes "
+                f"its loss from the full logits, so the patched objective {options.objective.name!r} "
+                f"(fused_objectives) is not what trains or evaluates. Drop compute_loss_func to train the patched "
+                f"objective (the patched model returns it as its loss), or unpatch the model.",
+                UserWarning, stacklevel=3)
+
+
+def check_trl_loss_type(model, options, objective) -> None:
+    """TRL's fused-head call: a ``loss_type`` other than ``"nll"`` transforms ``log_probs``, which must then be
+    the log-probabilities (the plain NLL objective, no extra loss term)."""
+    trainer, _ = _trainer_frame("compute_loss")
+    if trainer is None:
+        return
+    loss_type = getattr(getattr(trainer, "args", None), "loss_type", "nll")
+    if loss_type in (None, "nll"):
+        return
+    plain = (objective.name == "nll" and options.z_loss == 0 and options.label_smoothing == 0
+             and options.class_weight is None)
+    if plain:
+        return
+    name = objective.name
+    extra = [f"{k}={getattr(options, k)}" for k in ("z_loss", "label_smoothing") if getattr(options, k)]
+    if options.class_weight is not None:
+        extra.append("class_weight")
+    what = f"objective {name!r}" + (f" with {', '.join(extra)}" if extra else "")
+    raise ValueError(
+        f"TRL {type(trainer).__name__}(loss_type={loss_type!r}) transforms the per-token log-probabilities of "
+        f"the fused LM head (DFT weighs them by their probability); this model is patched by fused_objectives "
+        f"with {what}, whose per-token loss is not -log p, so it would train neither. Use loss_type='nll' "
+        f"(SFTTrainer then trains the patched objective; DFT's gradient -p * dlog p equals objective='neg_p''s), "
+        f"or patch with objective='nll' and no z_loss / label_smoothing / class_weight.")
+
+
+def prediction_loss_only() -> bool:
+    """True when a Trainer's ``prediction_step`` calling us was asked for the loss only (its predictions are
+    discarded, so an evaluation call need not build the logits)."""
+    trainer, local = _trainer_frame("prediction_step")
+    return trainer is not None and local.get("prediction_loss_only") is True
