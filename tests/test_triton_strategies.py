@@ -618,6 +618,23 @@ def test_v2_backward_classic_call_is_todays_kernel():
         assert torch.equal(a, x) and torch.equal(a, y)
 
 
+@pytest.mark.parametrize("sync", [False, True], ids=["compact", "sync_free"])
+def test_v2_backward_single_token(monkeypatch, sync):
+    # N = 1: a [3, 1] coefficient block (whose stride along N is arbitrary) with all three terms
+    monkeypatch.setattr(triton_chunked, "SYNC_FREE", sync)
+    h, w, t, b, dot = _v2_inputs(torch.float32, N=1, V=70)
+    t = t.clamp(min=0)
+    valid = torch.ones(1, dtype=torch.bool)
+    coef = torch.tensor([[0.7], [-0.4], [0.3]]).T.contiguous().T  # strides (1, 3)
+    opts = LogitOptions(**V2_OPTS)
+    impl = _FUSED["triton_chunked"]
+    _, state, _, _ = impl.forward(h, w, b, t, valid, opts)
+    got = impl.backward(h, w, b, t, state, coef, opts, (True, True, True), dot=dot)
+    want = _rows_truth(h, w, b, t, valid, dot, acc=torch.float64, coef=coef, **V2_OPTS)
+    for name, g in zip(("dh", "dw", "db"), got):
+        torch.testing.assert_close(g.double(), want[name], rtol=1e-5, atol=1e-6)
+
+
 def test_v2_confident_tokens_keep_their_digits():
     # p(target) ~ 1 - 1e-6: c (1 - p) + b p at the target takes 1 - p from the forward's logp;
     # 1 - p recomputed in fp32 from p would be ~5% off here

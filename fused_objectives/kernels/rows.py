@@ -252,7 +252,8 @@ def softmax_grad_(
     out = z if out is None else out
     assert z.stride(1) == 1 and out.stride(1) == 1 and out.shape == z.shape
     k = 1 if coef.dim() == 1 else coef.shape[0]
-    assert coef.shape[-1] == M and coef.stride(-1) == 1 and coef.dtype == torch.float32 and 1 <= k <= 3
+    # (a single row may carry any stride along M: contiguous() leaves a [k, 1] tensor's strides as they are)
+    assert coef.shape[-1] == M and (coef.stride(-1) == 1 or M <= 1) and coef.dtype == torch.float32 and 1 <= k <= 3
     assert (k == 3) == (dot is not None), "coefficients [3, M] go with a dot vector, and only they"
     cfg = configs.dz_config()
     if M > 0 and C > 0:
