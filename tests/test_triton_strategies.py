@@ -760,3 +760,27 @@ def test_v2_bad_coefficients_are_clear_errors():
         impl.backward(h, w, b, t, state, torch.ones(3, 6), opts, (True, True, True))
     with pytest.raises(ValueError, match=r"dot must be a float32 tensor of shape \[V\] = \[40\]"):
         impl.forward(h, w, b, t, valid, opts, dot=dot[:-1])
+
+
+@pytest.mark.parametrize("H,strategy", [(16, "triton_fused"), (320, "triton_chunked")])
+def test_v2_triton_chooser_hands_dot_and_coefficients_on(monkeypatch, H, strategy):
+    # backend='triton' passes row_stats, dot and [3, N] coefficients to the strategy it picks
+    h, w, t, b, dot = _v2_inputs(torch.float32, N=12, V=70, H=H)
+    valid = t != -100
+    impl = _FUSED["triton"]
+    assert impl.per_token_strategy(h, w).name == strategy
+    seen = []
+    for name in ("forward", "backward"):
+        cls = type(getattr(impl, strategy.split("_")[1]))
+        real = getattr(cls, name)
+        monkeypatch.setattr(cls, name, lambda self, *a, _r=real, _n=name, **k: seen.append(_n) or _r(self, *a, **k))
+    opts = LogitOptions(**V2_OPTS)
+    logp, state, _, rows = impl.forward(h, w, b, t, valid, opts, row_stats=True, dot=dot)
+    coef = _v2_coef(t, 3)
+    got = impl.backward(h, w, b, t, state, coef, opts, (True, True, True), dot=dot)
+    assert seen == ["forward", "backward"]
+    want = _rows_truth(h, w, b, t, valid, dot, acc=torch.float64, coef=coef, **V2_OPTS)
+    for name, g in (("lse", rows[0]), ("ent", rows[1]), ("dotz", rows[2])):
+        torch.testing.assert_close(g[valid].double(), want[name][valid], rtol=1e-5, atol=1e-5)
+    for name, g in zip(("dh", "dw", "db"), got):
+        torch.testing.assert_close(g.double(), want[name], rtol=1e-4, atol=1e-5)
