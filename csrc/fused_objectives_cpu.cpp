@@ -1,7 +1,9 @@
-// CPU kernels of the fused-backend primitives (see fused_objectives/backends/__init__.py):
-//   lse_forward:   per-token target log-probability, softmax state (row max, log-normaliser) and
-//                  argmax of z = transform(x W^T + b), merged online over vocabulary chunks;
-//   grad_backward: dX, dW, db of sum_i coef_i * logp_i, recomputing z chunk by chunk.
+// CPU kernels of the fused-backend primitives (backend contract v2, fused_objectives/backends/cpu.py):
+//   lse_forward:   per-token target log-probability, softmax state (row max, log-normaliser),
+//                  argmax and row statistics (lse; entropy and dotz = sum_j dot_j z_j when asked) of
+//                  z = transform(x W^T + b), merged online over vocabulary chunks;
+//   grad_backward: dX, dW, db of sum_i c_i logp_i + b_i lse_i + g_i dotz_i (coefficients c, or
+//                  (c, b), or (c, b, g)), recomputing z chunk by chunk.
 //
 //   chunk_stats / chunk_grad_: the same two epilogues on one [rows, V] logits tile the caller
 //                  computed (fused_objectives/backends/chunked.py: gradients in the forward);
@@ -16,8 +18,8 @@
 // statistics and the epilogue are fp32 either way; dz is rounded to the GEMM dtype for the dX /
 // dW GEMMs, whose per-chunk products are accumulated in fp32.  The tile sizes
 // come from the Python planner (fused_objectives/backends/cpu.py) and bound every buffer here, so
-// memory never grows with N * V.  Tokens that are not active (invalid in the forward, zero
-// coefficient in the backward) are gathered away before any GEMM.  Results do not depend on the
+// memory never grows with N * V.  Tokens that are not active (invalid in the forward, all
+// coefficients zero in the backward) are gathered away before any GEMM.  Results do not depend on the
 // thread count beyond the GEMM library's own rounding: each row and each bias column is reduced by
 // one thread in a fixed order.
 #include <ATen/ATen.h>
@@ -146,6 +148,10 @@ struct FwdState {
   // per active row, or nullptr when not asked: sum of exp(z - m) * (z - m) over the row (the
   // argmax's own term is exactly 0), rescaled with m like `rest`; gives the softmax entropy
   float* sent = nullptr;
+  // per active row, or nullptr when not asked: dotz = sum_j dot[j] * z[j] over the transformed
+  // logits (linear in z: no rescaling with m); `dot` is the fp32 [V] vector of the whole vocabulary
+  float* dotz = nullptr;
+  const float* dot = nullptr;
 };
 
 // sum over j in [0, n) of exp(z[j] - shift), in a fixed vector-lane order (independent of threads)
@@ -166,6 +172,14 @@ inline float sum_exp_shifted(const float* z, int64_t n, float shift) {
     const float e = fast_exp(d);
     s += e > 0.0f ? e * d : 0.0f;
   }
+  return s;
+}
+
+// sum over j in [0, n) of u[j] * z[j], in a fixed vector-lane order (independent of threads)
+inline float sum_dot(const float* z, const float* u, int64_t n) {
+  float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < n; ++j) s += u[j] * z[j];
   return s;
 }
 
@@ -249,6 +263,7 @@ void forward_epilogue(const T* z, int64_t rows, int64_t cols, int64_t row0, int6
         st.sent[i] = (new_max ? (m_old == kNegInf ? 0.0f : std::exp(dm) * (st.sent[i] + dm * (st.rest[i] + 1.0f)))
                               : st.sent[i]) + ssum;
       }
+      if (st.dotz != nullptr) st.dotz[i] += sum_dot(zr, st.dot + v0, cols);
       if (new_max) {
         st.rest[i] = (m_old == kNegInf ? 0.0f : (st.rest[i] + 1.0f) * std::exp(m_old - m_new)) + tsum;
         st.amax[i] = v0 + a;
@@ -260,20 +275,44 @@ void forward_epilogue(const T* z, int64_t rows, int64_t cols, int64_t row0, int6
   });
 }
 
-// In place: raw logits z -> dz = coef * (onehot - softmax) * d(transform), d = scale * (1 - tanh^2),
-// rounded to T.  p = exp((z - m) - log_norm) from the forward's state; at the target, 1 - p =
-// -expm1(logp) comes from the forward's log p: near p = 1 it is all cancellation, and a recomputed
-// logit one rounding away from the forward's would change it by percents.
-template <typename T, bool kBias, bool kScale, bool kCap>
+// Per-token coefficients of the backward (contract v2): the gradient on the final logits of
+// sum_i c_i logp_i + b_i lse_i + g_i dotz_i is dz_ij = c_i (onehot_j - p_ij) + b_i p_ij + g_i u_j.
+// `b` / `g` are nullptr when the call has no such term (then they cost nothing: with b absent the
+// per-row factor below is -c, exactly today's epilogue); `g` requires `u` (the dot vector, offset
+// to the tile's first column).
+struct Coefs {
+  const float* c;
+  const float* b;  // or nullptr
+  const float* g;  // or nullptr
+  const float* u;  // dot[v0..], with g
+};
+
+// In place: raw logits z -> dz = (c (onehot - p) + b p + g u) * d(transform), d = scale * (1 -
+// tanh^2), rounded to T.  p = exp((z - m) - log_norm) from the forward's state; at the target,
+// 1 - p = -expm1(logp) comes from the forward's log p: near p = 1 it is all cancellation, and a
+// recomputed logit one rounding away from the forward's would change it by percents.  So the
+// target column is c (1 - p_y) + b p_y + g u_y and every other column (b - c) p_j + g u_j.  A row
+// whose coefficients are all zero becomes zeros without reading its state (no NaN from it).
+// kDot: the g u term (a compile-time branch: without it the loop is the classic one).
+template <typename T, bool kBias, bool kScale, bool kCap, bool kDot>
 void backward_epilogue(T* z, int64_t rows, int64_t cols, int64_t v0, const Transform& tr,
-                       const float* row_max, const float* log_norm, const float* logp, const float* coef,
+                       const float* row_max, const float* log_norm, const float* logp, Coefs cf,
                        const int64_t* target, const float* traw) {
   const float* b = kBias ? tr.bias + v0 : nullptr;
+  const float* u = kDot ? cf.u : nullptr;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(cols, 1));
   at::parallel_for(0, rows, grain, [&](int64_t lo, int64_t hi) {
     for (int64_t r = lo; r < hi; ++r) {
       T* zr = z + r * cols;
-      const float c = coef[r];
+      const float c = cf.c[r];
+      const float bc = cf.b != nullptr ? cf.b[r] : 0.0f;
+      const float gc = kDot ? cf.g[r] : 0.0f;
+      if (c == 0.0f && bc == 0.0f && gc == 0.0f) {
+        std::fill(zr, zr + cols, static_cast<T>(0.0f));
+        continue;
+      }
+      // the factor on p off the target: -c as ever, (b - c) with an lse term
+      const float a = cf.b != nullptr ? bc - c : -c;
       const float m = row_max[r];
       const float ln = log_norm[r];
       const int64_t y = target[r] - v0;
@@ -284,14 +323,19 @@ void backward_epilogue(T* z, int64_t rows, int64_t cols, int64_t v0, const Trans
         const float zz = apply_transform<kBias, kScale, kCap>(to_f(zr[j]), b, j, tr, &t);
         float d = kScale ? tr.scale : 1.0f;
         if (kCap) d *= 1.0f - t * t;
-        zr[j] = static_cast<T>(-c * fast_exp((zz - m) - ln) * d);
+        float v = a * fast_exp((zz - m) - ln);
+        if (kDot) v += gc * u[j];
+        zr[j] = static_cast<T>(v * d);
       }
       if (has_y) {
         float t = 0.0f;
         (void)apply_transform<kBias, kScale, kCap>(raw_y, b, y, tr, &t);
         float d = kScale ? tr.scale : 1.0f;
         if (kCap) d *= 1.0f - t * t;
-        zr[y] = static_cast<T>(c * -std::expm1(logp[r]) * d);
+        float v = c * -std::expm1(logp[r]);
+        if (cf.b != nullptr) v += bc * std::exp(logp[r]);
+        if (kDot) v += gc * u[y];
+        zr[y] = static_cast<T>(v * d);
       }
     }
   });
@@ -312,6 +356,13 @@ void dispatch_transform(const Transform& tr, F&& f) {
     if (hs) { hc ? f(Flag<false>(), Flag<true>(), Flag<true>()) : f(Flag<false>(), Flag<true>(), Flag<false>()); }
     else { hc ? f(Flag<false>(), Flag<false>(), Flag<true>()) : f(Flag<false>(), Flag<false>(), Flag<false>()); }
   }
+}
+
+// Calls f(Flag<with the g u term>).
+template <typename F>
+void dispatch_dot(const Coefs& cf, F&& f) {
+  if (cf.g != nullptr) f(Flag<true>());
+  else f(Flag<false>());
 }
 
 // db[v0 + j] += sum over rows of g[r, j]; columns are split among threads, rows summed in order.
@@ -367,6 +418,32 @@ void check_common(const at::Tensor& hidden, const at::Tensor& weight, const std:
               "target must be int64 [N]");
   TORCH_CHECK(!bias.has_value() || (bias->dim() == 1 && bias->size(0) == weight.size(0)), "bias must be [V]");
   TORCH_CHECK(chunk_rows > 0 && chunk_cols > 0, "chunk sizes must be positive");
+}
+
+// The dot vector u of the dotz row statistic / the g term: contiguous fp32 [V] on the CPU.
+void check_dot(const std::optional<at::Tensor>& dot, int64_t V) {
+  TORCH_CHECK(!dot.has_value() || (dot->device().is_cpu() && dot->dim() == 1 && dot->size(0) == V &&
+                                   dot->scalar_type() == at::kFloat && dot->is_contiguous()),
+              "dot must be a contiguous fp32 CPU tensor [V] = [", V, "], got ",
+              dot.has_value() ? dot->sizes() : at::IntArrayRef{}, " ",
+              dot.has_value() ? dot->scalar_type() : at::kFloat);
+}
+
+// coef: fp32 [N] (c), [2, N] (c, b) or [3, N] (c, b, g; needs dot).  Returns the number of rows (1..3).
+int64_t check_coef(const at::Tensor& coef, int64_t n, const std::optional<at::Tensor>& dot) {
+  TORCH_CHECK(coef.scalar_type() == at::kFloat, "coef must be fp32, got ", coef.scalar_type());
+  TORCH_CHECK((coef.dim() == 1 && coef.size(0) == n) ||
+                  (coef.dim() == 2 && (coef.size(0) == 2 || coef.size(0) == 3) && coef.size(1) == n),
+              "coef must be [N], [2, N] or [3, N] with N = ", n, ", got ", coef.sizes());
+  const int64_t k = coef.dim() == 1 ? 1 : coef.size(0);
+  TORCH_CHECK(k < 3 || dot.has_value(), "coef [3, N] (with the g term) needs dot");
+  return k;
+}
+
+// Pointers of k coefficient rows laid out contiguously as [k, n], for rows from r0 on.
+Coefs coef_rows(const float* base, int64_t k, int64_t n, int64_t r0, const float* u) {
+  Coefs cf{base + r0, k >= 2 ? base + n + r0 : nullptr, k >= 3 ? base + 2 * n + r0 : nullptr, k >= 3 ? u : nullptr};
+  return cf;
 }
 
 // The GEMM dtype: the inputs' half-precision dtype when asked for and both share it, else fp32.
@@ -446,17 +523,33 @@ at::Tensor target_dots(const at::Tensor& hidden, const at::Tensor& weight, const
 
 using Stats4 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-// (logp [N], state [3, N] = (row max, log-normaliser, logp), argmax [N], entropy); rows that are not
-// valid hold zeros; a valid token whose target is outside [0, V) gets a NaN logp.  `entropy`: the
-// softmax entropy [N] of the transformed logits when `with_entropy`, else an empty tensor (one more
-// exp per logit in the epilogue, paid only when asked).
-Stats4 lse_forward_impl(
+// rows [3, n] = (lse, entropy, dotz) from the merged state: lse = m + log(1 + rest); entropy H =
+// log_norm - E_p[z - m] = log_norm - S / sum_j exp(z_j - m) (zeros unless asked); dotz (zeros
+// unless asked).
+at::Tensor finish_rows(const at::Tensor& m, const at::Tensor& log_norm, const at::Tensor& rest, const at::Tensor& sent,
+                       const at::Tensor& dotz, bool with_entropy, bool with_dot) {
+  at::Tensor out = at::zeros({3, m.size(0)}, m.options());
+  out[0].copy_(m + log_norm);
+  if (with_entropy) out[1].copy_(log_norm - sent / (rest + 1.0));
+  if (with_dot) out[2].copy_(dotz);
+  return out;
+}
+
+// (logp [N], state [3, N] = (row max, log-normaliser, logp), argmax [N], rows [3, N] = (lse,
+// entropy, dotz)); rows that are not valid hold zeros; a valid token whose target is outside
+// [0, V) gets a NaN logp.  rows[0] = lse = max + log-normaliser always (free); rows[1] = the
+// softmax entropy of the transformed logits only `with_entropy` (one more exp per logit in the
+// epilogue, paid only when asked), else zeros; rows[2] = sum_j dot_j z_j only with `dot` (one
+// multiply-add per logit), else zeros.
+Stats4 lse_forward(
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& target, const at::Tensor& valid, std::optional<double> logit_scale,
-    std::optional<double> softcap, int64_t chunk_rows, int64_t chunk_cols, bool half_gemm, bool with_entropy) {
+    std::optional<double> softcap, int64_t chunk_rows, int64_t chunk_cols, bool half_gemm, bool with_entropy,
+    const std::optional<at::Tensor>& dot) {
   check_common(hidden, weight, bias, target, chunk_rows, chunk_cols);
   TORCH_CHECK(valid.dim() == 1 && valid.size(0) == hidden.size(0) && valid.scalar_type() == at::kBool,
               "valid must be bool [N]");
+  check_dot(dot, weight.size(0));
   const int64_t N = hidden.size(0), H = hidden.size(1), V = weight.size(0);
   const auto f32 = hidden.options().dtype(at::kFloat);
   const at::ScalarType cdt = gemm_dtype(hidden, weight, half_gemm);
@@ -466,8 +559,8 @@ Stats4 lse_forward_impl(
   const bool identity = Na == N;
   at::Tensor state = at::zeros({3, identity ? 0 : N}, f32);
   at::Tensor amax = at::zeros({identity ? 0 : N}, hidden.options().dtype(at::kLong));
-  at::Tensor ent_all = at::zeros({with_entropy && !identity ? N : 0}, f32);
-  if (Na == 0) return {state[2].clone(), state, amax, ent_all};
+  at::Tensor rows_all = at::zeros({3, identity ? 0 : N}, f32);
+  if (Na == 0) return {state[2].clone(), state, amax, rows_all};
 
   at::Tensor tgt = identity ? target.contiguous() : target.index_select(0, idx);
   at::Tensor m = at::full({Na}, kNegInf, f32);
@@ -488,6 +581,11 @@ Stats4 lse_forward_impl(
               tgt.data_ptr<int64_t>(), traw.defined() ? traw.data_ptr<float>() : nullptr};
   at::Tensor sent = at::zeros({with_entropy ? Na : 0}, f32);
   if (with_entropy) st.sent = sent.data_ptr<float>();
+  at::Tensor dotz = at::zeros({dot.has_value() ? Na : 0}, f32);
+  if (dot.has_value()) {
+    st.dotz = dotz.data_ptr<float>();
+    st.dot = dot->data_ptr<float>();
+  }
   for (int64_t v0 = 0; v0 < V; v0 += C) {
     const int64_t cols = std::min(C, V - v0);
     at::Tensor w = vocab_chunk(weight, v0, cols, wbuf);
@@ -508,30 +606,12 @@ Stats4 lse_forward_impl(
   at::Tensor log_norm = rest.log1p();
   at::Tensor logp = (tl - m) - log_norm;
   at::Tensor state_a = at::stack({m, log_norm, logp});
-  // H = log_norm - E_p[z - m] = log_norm - S / sum_j exp(z_j - m)
-  at::Tensor ent = with_entropy ? log_norm - sent / (rest + 1.0) : sent;
-  if (identity) return {logp, state_a, am, ent};
+  at::Tensor rows_a = finish_rows(m, log_norm, rest, sent, dotz, with_entropy, dot.has_value());
+  if (identity) return {logp, state_a, am, rows_a};
   state.index_copy_(1, idx, state_a);
   amax.index_copy_(0, idx, am);
-  if (with_entropy) ent_all.index_copy_(0, idx, ent);
-  return {state[2].clone(), state, amax, ent_all};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_forward(
-    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const at::Tensor& target, const at::Tensor& valid, std::optional<double> logit_scale,
-    std::optional<double> softcap, int64_t chunk_rows, int64_t chunk_cols, bool half_gemm) {
-  auto r = lse_forward_impl(hidden, weight, bias, target, valid, logit_scale, softcap, chunk_rows, chunk_cols,
-                            half_gemm, false);
-  return {std::get<0>(r), std::get<1>(r), std::get<2>(r)};
-}
-
-Stats4 lse_forward_entropy(
-    const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const at::Tensor& target, const at::Tensor& valid, std::optional<double> logit_scale,
-    std::optional<double> softcap, int64_t chunk_rows, int64_t chunk_cols, bool half_gemm) {
-  return lse_forward_impl(hidden, weight, bias, target, valid, logit_scale, softcap, chunk_rows, chunk_cols,
-                          half_gemm, true);
+  rows_all.index_copy_(1, idx, rows_a);
+  return {state[2].clone(), state, amax, rows_all};
 }
 
 using OptTensor = std::optional<at::Tensor>;
@@ -562,11 +642,12 @@ std::tuple<OptTensor, OptTensor, OptTensor> grad_backward(
     const at::Tensor& hidden, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& target, const at::Tensor& state, const at::Tensor& coef, std::optional<double> logit_scale,
     std::optional<double> softcap, bool need_dx, bool need_dw, bool need_db, int64_t chunk_rows,
-    int64_t chunk_cols, bool half_gemm) {
+    int64_t chunk_cols, bool half_gemm, const std::optional<at::Tensor>& dot) {
   check_common(hidden, weight, bias, target, chunk_rows, chunk_cols);
   TORCH_CHECK(state.dim() == 2 && state.size(0) == 3 && state.size(1) == hidden.size(0) &&
               state.scalar_type() == at::kFloat, "state must be the forward's fp32 [3, N]");
-  TORCH_CHECK(coef.dim() == 1 && coef.size(0) == hidden.size(0) && coef.scalar_type() == at::kFloat, "coef must be fp32 [N]");
+  check_dot(dot, weight.size(0));
+  const int64_t K = check_coef(coef, hidden.size(0), dot);
   TORCH_CHECK(!need_db || bias.has_value(), "need_db without a bias");
   const int64_t N = hidden.size(0), H = hidden.size(1), V = weight.size(0);
   const auto f32 = hidden.options().dtype(at::kFloat);
@@ -580,15 +661,17 @@ std::tuple<OptTensor, OptTensor, OptTensor> grad_backward(
   if (need_dw) dw = at::zeros({V, H}, weight.options().memory_format(at::MemoryFormat::Contiguous));
   if (need_db) db_acc = at::zeros({V}, f32);
 
-  // NaN coefficients stay active, so a NaN reaches the gradients instead of vanishing
-  at::Tensor idx = coef.ne(0).nonzero().view({-1});
+  // a token is active when any coefficient is non-zero; NaN coefficients stay active, so a NaN
+  // reaches the gradients instead of vanishing
+  at::Tensor idx = (K == 1 ? coef.ne(0) : coef.ne(0).any(0)).nonzero().view({-1});
   const int64_t Na = idx.size(0);
   if (Na > 0 && (need_dx || need_dw || need_db)) {
     const bool identity = Na == N;
     at::Tensor tgt = identity ? target.contiguous() : target.index_select(0, idx);
     at::Tensor st_a = identity ? state.contiguous() : state.index_select(1, idx).contiguous();
     const float* m_p = st_a.data_ptr<float>();  // rows: max, log-normaliser, logp
-    at::Tensor coef_a = identity ? coef.contiguous() : coef.index_select(0, idx);
+    at::Tensor coef_a = identity ? coef.contiguous() : coef.index_select(K == 1 ? 0 : 1, idx).contiguous();
+    const float* dot_p = K == 3 ? dot->data_ptr<float>() : nullptr;
     std::optional<at::Tensor> bias_f;
     if (bias.has_value()) bias_f = bias->to(at::kFloat).contiguous();
     const Transform tr = make_transform(bias_f, logit_scale, softcap);
@@ -626,10 +709,13 @@ std::tuple<OptTensor, OptTensor, OptTensor> grad_backward(
         at::mm_out(g, x, w.t());  // logits, then in place their gradient
         dispatch_dtype(cdt, [&](auto tz) {
           using T = decltype(tz);
+          const Coefs cf = coef_rows(coef_a.data_ptr<float>(), K, Na, r0, dot_p ? dot_p + v0 : nullptr);
           dispatch_transform(tr, [&](auto b, auto sc, auto k) {
-            backward_epilogue<T, decltype(b)::value, decltype(sc)::value, decltype(k)::value>(
-                static_cast<T*>(g.data_ptr()), rows, cols, v0, tr, m_p + r0, m_p + Na + r0, m_p + 2 * Na + r0,
-                coef_a.data_ptr<float>() + r0, tgt.data_ptr<int64_t>() + r0, traw_p ? traw_p + r0 : nullptr);
+            dispatch_dot(cf, [&](auto gd) {
+              backward_epilogue<T, decltype(b)::value, decltype(sc)::value, decltype(k)::value, decltype(gd)::value>(
+                  static_cast<T*>(g.data_ptr()), rows, cols, v0, tr, m_p + r0, m_p + Na + r0, m_p + 2 * Na + r0, cf,
+                  tgt.data_ptr<int64_t>() + r0, traw_p ? traw_p + r0 : nullptr);
+            });
           });
           if (need_db) add_column_sums(static_cast<const T*>(g.data_ptr()), rows, cols, db_acc.data_ptr<float>() + v0);
           if (need_dx) {
@@ -686,14 +772,16 @@ at::Tensor target_logits(const at::Tensor& hidden, const at::Tensor& weight, con
 }
 
 // Statistics of full logits rows: (logp [rows], state [3, rows] = (max, log-normaliser, logp),
-// argmax [rows]), exactly as lse_forward computes them for a vocabulary in one chunk.
+// argmax [rows], rows [3, rows] = (lse, entropy, dotz)), exactly as lse_forward computes them for
+// a vocabulary in one chunk (entropy only `with_entropy`, dotz only with `dot`, else zeros).
 // `target_raw` (fp32 [rows], optional): the target's raw logits computed apart (target_logits).
-// `chunk_stats_entropy` adds the rows' softmax entropy [rows] (see lse_forward_impl).
-Stats4 chunk_stats_impl(const at::Tensor& z, const std::optional<at::Tensor>& bias, const at::Tensor& target,
-                        std::optional<double> logit_scale, std::optional<double> softcap,
-                        const std::optional<at::Tensor>& target_raw, bool with_entropy) {
+Stats4 chunk_stats(const at::Tensor& z, const std::optional<at::Tensor>& bias, const at::Tensor& target,
+                   std::optional<double> logit_scale, std::optional<double> softcap,
+                   const std::optional<at::Tensor>& target_raw, bool with_entropy,
+                   const std::optional<at::Tensor>& dot) {
   check_tile(z, bias, target);
   check_target_raw(target_raw, z.size(0));
+  check_dot(dot, z.size(1));
   const int64_t rows = z.size(0), V = z.size(1);
   const auto f32 = z.options().dtype(at::kFloat);
   at::Tensor m = at::full({rows}, kNegInf, f32);
@@ -707,6 +795,11 @@ Stats4 chunk_stats_impl(const at::Tensor& z, const std::optional<at::Tensor>& bi
               target.data_ptr<int64_t>(), target_raw.has_value() ? target_raw->data_ptr<float>() : nullptr};
   at::Tensor sent = at::zeros({with_entropy ? rows : 0}, f32);
   if (with_entropy) st.sent = sent.data_ptr<float>();
+  at::Tensor dotz = at::zeros({dot.has_value() ? rows : 0}, f32);
+  if (dot.has_value()) {
+    st.dotz = dotz.data_ptr<float>();
+    st.dot = dot->data_ptr<float>();
+  }
   if (rows > 0 && V > 0) {
     dispatch_dtype(z.scalar_type(), [&](auto tz) {
       using T = decltype(tz);
@@ -718,46 +811,39 @@ Stats4 chunk_stats_impl(const at::Tensor& z, const std::optional<at::Tensor>& bi
   }
   at::Tensor log_norm = rest.log1p();
   at::Tensor logp = (tl - m) - log_norm;
-  at::Tensor ent = with_entropy ? log_norm - sent / (rest + 1.0) : sent;
-  return {logp, at::stack({m, log_norm, logp}), am, ent};
+  return {logp, at::stack({m, log_norm, logp}), am,
+          finish_rows(m, log_norm, rest, sent, dotz, with_entropy, dot.has_value())};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> chunk_stats(const at::Tensor& z, const std::optional<at::Tensor>& bias,
-                                                           const at::Tensor& target, std::optional<double> logit_scale,
-                                                           std::optional<double> softcap,
-                                                           const std::optional<at::Tensor>& target_raw) {
-  auto r = chunk_stats_impl(z, bias, target, logit_scale, softcap, target_raw, false);
-  return {std::get<0>(r), std::get<1>(r), std::get<2>(r)};
-}
-
-Stats4 chunk_stats_entropy(const at::Tensor& z, const std::optional<at::Tensor>& bias, const at::Tensor& target,
-                           std::optional<double> logit_scale, std::optional<double> softcap,
-                           const std::optional<at::Tensor>& target_raw) {
-  return chunk_stats_impl(z, bias, target, logit_scale, softcap, target_raw, true);
-}
-
-// In place: the raw logits tile z becomes dz = coef * (onehot - softmax) * d(transform), in z's dtype.
+// In place: the raw logits tile z becomes dz = (c (onehot - p) + b p + g dot) * d(transform), in
+// z's dtype; coef fp32 [rows] | [2, rows] | [3, rows] (the last with dot) as in grad_backward.
+// Rows whose coefficients are all zero become zeros.
 void chunk_grad_(const at::Tensor& z, const std::optional<at::Tensor>& bias, const at::Tensor& target,
                  const at::Tensor& state, const at::Tensor& coef, std::optional<double> logit_scale,
-                 std::optional<double> softcap, const std::optional<at::Tensor>& target_raw) {
+                 std::optional<double> softcap, const std::optional<at::Tensor>& target_raw,
+                 const std::optional<at::Tensor>& dot) {
   check_tile(z, bias, target);
   check_target_raw(target_raw, z.size(0));
+  check_dot(dot, z.size(1));
   const int64_t rows = z.size(0), V = z.size(1);
   TORCH_CHECK(state.dim() == 2 && state.size(0) == 3 && state.size(1) == rows && state.scalar_type() == at::kFloat &&
               state.is_contiguous(), "state must be chunk_stats' fp32 [3, rows]");
-  TORCH_CHECK(coef.dim() == 1 && coef.size(0) == rows && coef.scalar_type() == at::kFloat && coef.is_contiguous(),
-              "coef must be contiguous fp32 [rows]");
+  const int64_t K = check_coef(coef, rows, dot);
+  TORCH_CHECK(coef.is_contiguous(), "coef must be contiguous");
   if (rows == 0 || V == 0) return;
   std::optional<at::Tensor> bias_f;
   if (bias.has_value()) bias_f = bias->to(at::kFloat).contiguous();
   const Transform tr = make_transform(bias_f, logit_scale, softcap);
   const float* s = state.data_ptr<float>();
+  const Coefs cf = coef_rows(coef.data_ptr<float>(), K, rows, 0, K == 3 ? dot->data_ptr<float>() : nullptr);
   dispatch_dtype(z.scalar_type(), [&](auto tz) {
     using T = decltype(tz);
     dispatch_transform(tr, [&](auto fb, auto fs, auto fk) {
-      backward_epilogue<T, decltype(fb)::value, decltype(fs)::value, decltype(fk)::value>(
-          static_cast<T*>(z.data_ptr()), rows, V, 0, tr, s, s + rows, s + 2 * rows, coef.data_ptr<float>(),
-          target.data_ptr<int64_t>(), target_raw.has_value() ? target_raw->data_ptr<float>() : nullptr);
+      dispatch_dot(cf, [&](auto gd) {
+        backward_epilogue<T, decltype(fb)::value, decltype(fs)::value, decltype(fk)::value, decltype(gd)::value>(
+            static_cast<T*>(z.data_ptr()), rows, V, 0, tr, s, s + rows, s + 2 * rows, cf, target.data_ptr<int64_t>(),
+            target_raw.has_value() ? target_raw->data_ptr<float>() : nullptr);
+      });
     });
   });
 }
@@ -766,25 +852,23 @@ void chunk_grad_(const at::Tensor& z, const std::optional<at::Tensor>& bias, con
 }  // namespace fused_objectives_cpu
 
 // One schema for every device: the CPU kernels register here; other devices add their own.
+// Backend contract v2 (see fused_objectives/backends/cpu.py): the forwards
+// return rows [3, N] = (lse, entropy if asked, dotz with dot); the backwards take coef [N] | [2, N]
+// | [3, N] = (c, b, g), the gradient of sum c logp + b lse + g dotz.
 TORCH_LIBRARY(fused_objectives, m) {
   m.def("lse_forward(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, Tensor valid, "
-        "float? logit_scale, float? softcap, int chunk_rows, int chunk_cols, bool half_gemm=False) "
-        "-> (Tensor logp, Tensor state, Tensor argmax)");
+        "float? logit_scale, float? softcap, int chunk_rows, int chunk_cols, bool half_gemm=False, "
+        "bool entropy=False, Tensor? dot=None) -> (Tensor logp, Tensor state, Tensor argmax, Tensor rows)");
   m.def("grad_backward(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, Tensor state, Tensor coef, "
         "float? logit_scale, float? softcap, bool need_dx, bool need_dw, bool need_db, int chunk_rows, "
-        "int chunk_cols, bool half_gemm=False) -> (Tensor? dx, Tensor? dw, Tensor? db)");
+        "int chunk_cols, bool half_gemm=False, Tensor? dot=None) -> (Tensor? dx, Tensor? dw, Tensor? db)");
   m.def("chunk_stats(Tensor z, Tensor? bias, Tensor target, float? logit_scale, float? softcap, "
-        "Tensor? target_raw=None) -> (Tensor logp, Tensor state, Tensor argmax)");
+        "Tensor? target_raw=None, bool entropy=False, Tensor? dot=None) "
+        "-> (Tensor logp, Tensor state, Tensor argmax, Tensor rows)");
   m.def("chunk_grad_(Tensor(a!) z, Tensor? bias, Tensor target, Tensor state, Tensor coef, float? logit_scale, "
-        "float? softcap, Tensor? target_raw=None) -> ()");
+        "float? softcap, Tensor? target_raw=None, Tensor? dot=None) -> ()");
   m.def("target_logits(Tensor hidden, Tensor weight, Tensor target) -> Tensor");
   m.def("accumulate_(Tensor(a!) dst, Tensor src, bool add) -> ()");
-  // the same with the rows' softmax entropy (LossStats.entropy), computed only when asked
-  m.def("lse_forward_entropy(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, Tensor valid, "
-        "float? logit_scale, float? softcap, int chunk_rows, int chunk_cols, bool half_gemm=False) "
-        "-> (Tensor logp, Tensor state, Tensor argmax, Tensor entropy)");
-  m.def("chunk_stats_entropy(Tensor z, Tensor? bias, Tensor target, float? logit_scale, float? softcap, "
-        "Tensor? target_raw=None) -> (Tensor logp, Tensor state, Tensor argmax, Tensor entropy)");
 }
 
 TORCH_LIBRARY_IMPL(fused_objectives, CPU, m) {
@@ -794,6 +878,4 @@ TORCH_LIBRARY_IMPL(fused_objectives, CPU, m) {
   m.impl("chunk_grad_", &fused_objectives_cpu::chunk_grad_);
   m.impl("target_logits", &fused_objectives_cpu::target_logits);
   m.impl("accumulate_", &fused_objectives_cpu::accumulate_);
-  m.impl("lse_forward_entropy", &fused_objectives_cpu::lse_forward_entropy);
-  m.impl("chunk_stats_entropy", &fused_objectives_cpu::chunk_stats_entropy);
 }

@@ -443,3 +443,233 @@ def test_half_gemm_measures_real_tensors_while_tracing(monkeypatch):
     monkeypatch.setattr(cpu, "_gemm_times", probe)
     with FakeTensorMode():
         assert cpu.half_gemm(torch.bfloat16) is True
+
+
+# ---------------------------------------------------------------- backend contract v2 (issue 14)
+# The backend object is called directly (no autograd layer): forward -> (logp, state, argmax,
+# rows [3, N] = (lse, entropy, dotz)), backward with coef [N] | [2, N] | [3, N] = (c, b, g), and
+# forward_with_grad with coef_fn(logp, lse, dotz, target, valid).  The truth is float64 from the
+# definitions: z materialised, S = sum_i c_i logp_i + b_i lse_i + g_i dotz_i, autograd for dX, dW, db.
+
+from fused_objectives.options import LogitOptions  # noqa: E402
+
+TERMS = {"c": 1, "cb": 2, "cbg": 3}
+
+
+def _v2_inputs(dtype, with_bias, seed=11, N=45, H=24, V=203):
+    """Inputs, a valid mask (ignored tokens: target -100) and per-class coefficient tables [3, V]
+    (some classes all zero, some with c = 0 but b != 0) and a positive dot vector [V]."""
+    g = torch.Generator().manual_seed(seed)
+    h, w, t, b = make_inputs(N=N, H=H, V=V, dtype=dtype, bias=with_bias, peaked=3.0, ignore_frac=0.25, seed=seed)
+    tab = torch.randn(3, V, generator=g)
+    tab[1:] *= 0.5
+    classes = torch.randperm(V, generator=g)
+    tab[:, classes[:V // 4]] = 0.0  # tokens of these classes: all coefficients zero
+    tab[0, classes[V // 4:V // 2]] = 0.0  # c = 0 but b, g not (a z-loss on a token the gate dropped)
+    dot = 0.5 + torch.rand(V, generator=g)
+    t = t.clone()
+    valid = t != -100
+    t[valid] = torch.where(torch.rand(int(valid.sum()), generator=g) < 0.4,
+                           classes[torch.randint(0, V // 2, (int(valid.sum()),), generator=g)], t[valid])
+    return h, w, t, b, valid, tab, dot
+
+
+def _coefs(tab, t, valid, k):
+    """coef [N] | [k, N]: the class tables at each token's target, zero where not valid."""
+    c = tab[:k, t.clamp(min=0)] * valid
+    return (c[0] if k == 1 else c).contiguous()
+
+
+def _truth_v2(h, w, b, t, valid, opts, coef, dot):
+    """float64 logp, lse, entropy, dotz, argmax, S and dS/d(h, w, b) on the inputs' own values."""
+    h64, w64 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    b64 = None if b is None else b.detach().double().requires_grad_()
+    z = h64 @ w64.T + (0 if b64 is None else b64)
+    if opts.logit_scale is not None:
+        z = z * opts.logit_scale
+    if opts.softcap is not None:
+        z = opts.softcap * torch.tanh(z / opts.softcap)
+    lse = torch.logsumexp(z, -1)
+    logp_all = z - lse[:, None]
+    logp = logp_all.gather(1, t.clamp(min=0)[:, None])[:, 0]
+    dotz = z @ dot.double()
+    c = coef.double().reshape(-1, coef.shape[-1])
+    s = (c[0] * logp).sum()
+    if c.shape[0] > 1:
+        s = s + (c[1] * lse).sum()
+    if c.shape[0] > 2:
+        s = s + (c[2] * dotz).sum()
+    s.backward()
+    top2 = z.detach().topk(2, dim=-1).values
+    return {"logp": logp.detach(), "lse": lse.detach(), "dotz": dotz.detach(),
+            "entropy": -(logp_all.exp() * logp_all).sum(-1).detach(), "argmax": z.detach().argmax(-1),
+            "gap": top2[:, 0] - top2[:, 1], "zabs": z.detach().abs().max(-1).values,
+            "uzabs": (z.detach().abs() * dot.double()).sum(-1), "total": s.detach(),
+            "dh": h64.grad, "dw": w64.grad, "db": None if b64 is None else b64.grad}
+
+
+def _close_rows(got, want, scale, rel, what):
+    err = (got.double() - want).abs()
+    bound = rel * scale + 1e-6
+    bad = err > bound
+    assert not bad.any(), f"{what}: worst {err.max().item():.3e} (bound {bound[bad][0].item():.3e})"
+
+
+def _close_grad(got, want, rel, what):
+    assert got is not None, what
+    err = (got.double() - want).abs().max().item()
+    scale = want.abs().max().item()
+    assert err <= rel * scale, f"{what}: error {err:.3e} > {rel:g} x max {scale:.3e}"
+
+
+@pytest.fixture
+def gemm_mode(request, monkeypatch):
+    """(dtype, forced half-precision GEMMs or not) for one test."""
+    dtype, half = request.param
+    monkeypatch.setenv("FUSED_OBJECTIVES_CPU_HALF_GEMM", "1" if half else "0")
+    return dtype
+
+
+GEMM_MODES = [(torch.float32, False), (torch.bfloat16, True), (torch.bfloat16, False)]
+GEMM_IDS = ["fp32", "bf16-half-gemm", "bf16-fp32-gemm"]
+TRANSFORMS = {"plain": (False, LogitOptions()), "bias-scale-softcap": (True, LogitOptions(logit_scale=1.7, softcap=6.0))}
+
+
+def _tolerances(dtype):
+    # (stats, relative to the row's logit size; gradients, relative to their largest entry):
+    # fp32 epilogue and GEMMs; bf16 logits tiles / dz / results round at 2^-9
+    return (2e-6, 2e-5) if dtype == torch.float32 else (8e-3, 3e-2)
+
+
+def _check_stats(logp, argmax, rows, truth, valid, dtype, row_stats, with_dot):
+    st_tol, _ = _tolerances(dtype)
+    v = valid
+    _close_rows(logp[v], truth["logp"][v], truth["zabs"][v], st_tol, "logp")
+    _close_rows(rows[0][v], truth["lse"][v], truth["zabs"][v], st_tol, "lse")
+    if row_stats:
+        _close_rows(rows[1][v], truth["entropy"][v], truth["zabs"][v], st_tol, "entropy")
+    else:  # not computed
+        assert torch.all(rows[1] == 0)
+    if with_dot:
+        _close_rows(rows[2][v], truth["dotz"][v], truth["uzabs"][v], st_tol, "dotz")
+    else:  # not computed
+        assert torch.all(rows[2] == 0)
+    clear = v & (truth["gap"] > 64 * st_tol * truth["zabs"])
+    assert torch.equal(argmax[clear], truth["argmax"][clear])
+
+
+@pytest.mark.parametrize("budget", [BUDGETS[0], BUDGETS[2]], ids=["one-tile", "tiny-tiles"], indirect=True)
+@pytest.mark.parametrize("gemm_mode", GEMM_MODES, ids=GEMM_IDS, indirect=True)
+@pytest.mark.parametrize("transform", list(TRANSFORMS))
+@pytest.mark.parametrize("terms", list(TERMS))
+def test_v2_per_token_forward_backward_match_float64(budget, gemm_mode, transform, terms):
+    dtype, k = gemm_mode, TERMS[terms]
+    with_bias, opts = TRANSFORMS[transform]
+    h, w, t, b, valid, tab, dot = _v2_inputs(dtype, with_bias)
+    be = resolve_backend("cpu", torch.device("cpu"))
+    with_dot = k == 3
+    row_stats = terms != "c"  # the entropy accumulator on and off
+    logp, state, argmax, rows = be.forward(h, w, b, t, valid, opts, row_stats=row_stats,
+                                           dot=dot if with_dot else None)
+    assert rows.shape == (3, h.shape[0]) and rows.dtype == torch.float32
+    coef = _coefs(tab, t, valid, k)
+    truth = _truth_v2(h, w, b, t, valid, opts, coef, dot)
+    _check_stats(logp, argmax, rows, truth, valid, dtype, row_stats, with_dot)
+    dx, dw, db = be.backward(h, w, b, t, state, coef, opts, (True, True, True), dot=dot if with_dot else None)
+    _, g_tol = _tolerances(dtype)
+    assert dx.dtype == dtype and dw.dtype == dtype
+    _close_grad(dx, truth["dh"], g_tol, "dx")
+    _close_grad(dw, truth["dw"], g_tol, "dw")
+    if b is not None:
+        _close_grad(db, truth["db"], g_tol, "db")
+
+
+@pytest.mark.parametrize("budget", [BUDGETS[0], BUDGETS[2]], ids=["one-tile", "tiny-tiles"], indirect=True)
+@pytest.mark.parametrize("gemm_mode", GEMM_MODES, ids=GEMM_IDS, indirect=True)
+@pytest.mark.parametrize("transform", list(TRANSFORMS))
+@pytest.mark.parametrize("terms", list(TERMS))
+def test_v2_forward_with_grad_matches_float64(budget, gemm_mode, transform, terms):
+    dtype, k = gemm_mode, TERMS[terms]
+    with_bias, opts = TRANSFORMS[transform]
+    h, w, t, b, valid, tab, dot = _v2_inputs(dtype, with_bias)
+    be = resolve_backend("cpu", torch.device("cpu"))
+    with_dot = k == 3
+    row_stats = terms != "c"
+    seen = []
+
+    def coef_fn(lp, lse, dotz, tt, vv):
+        # a loss in the three row statistics, its coefficients looked up by the chunk's targets
+        assert (dotz is not None) == with_dot and tt.shape == lp.shape == lse.shape and vv.all()
+        seen.append(lp.numel())
+        cf = tab[:k, tt]
+        total = (cf[0] * lp).sum()
+        if k > 1:
+            total = total + (cf[1] * lse).sum()
+        if k > 2:
+            total = total + (cf[2] * dotz).sum()
+        return total, cf.ne(0).any(0), (cf[0] if k == 1 else cf).contiguous()
+
+    out = be.forward_with_grad(h, w, b, t, valid, opts, coef_fn, (True, True, True), row_stats=row_stats,
+                               dot=dot if with_dot else None)
+    assert len(out) == 8
+    total, logp, kept, argmax, dx, dw, db, rows = out
+    assert sum(seen) == int(valid.sum())
+    if budget < (1 << 20):
+        assert len(seen) > 1  # forced several token chunks
+    coef = _coefs(tab, t, valid, k)
+    truth = _truth_v2(h, w, b, t, valid, opts, coef, dot)
+    _check_stats(logp, argmax, rows, truth, valid, dtype, row_stats, with_dot)
+    assert torch.equal(kept, (coef.reshape(k, -1) != 0).any(0))
+    st_tol, g_tol = _tolerances(dtype)
+    assert abs(total.item() - truth["total"].item()) <= st_tol * 4 * (
+        (coef.reshape(k, -1).abs().double() * torch.stack([truth["zabs"], truth["zabs"], truth["uzabs"]][:k])).sum())
+    _close_grad(dx, truth["dh"], g_tol, "dx")
+    _close_grad(dw, truth["dw"], g_tol, "dw")
+    if b is not None:
+        _close_grad(db, truth["db"], g_tol, "db")
+
+
+def test_v2_all_zero_coefficient_tokens_are_not_read():
+    # the backward gathers tokens with all-zero coefficients away: their target and state are not read
+    h, w, t, b, valid, tab, dot = _v2_inputs(torch.float32, True)
+    be = resolve_backend("cpu", torch.device("cpu"))
+    opts = LogitOptions(softcap=5.0)
+    _, state, _, _ = be.forward(h, w, b, t, valid, opts, dot=dot)
+    coef = _coefs(tab, t, valid, 3)
+    zero = (coef == 0).all(0)
+    assert 0 < zero.sum() < zero.numel()
+    want = be.backward(h, w, b, t, state, coef, opts, (True, True, True), dot=dot)
+    t2, state2 = t.clone(), state.clone()
+    t2[zero] = 10 ** 9
+    state2[:, zero] = float("nan")
+    got = be.backward(h, w, b, t2, state2, coef, opts, (True, True, True), dot=dot)
+    for a, c in zip(got, want):
+        assert torch.equal(a, c)
+
+
+def test_v2_classic_coefficients_equal_two_row_form_with_zero_b():
+    # coef [N] and coef [2, N] with b = 0 give the same gradients (the b term adds nothing)
+    h, w, t, b, valid, tab, dot = _v2_inputs(torch.float32, True)
+    be = resolve_backend("cpu", torch.device("cpu"))
+    opts = LogitOptions(logit_scale=0.8)
+    _, state, _, _ = be.forward(h, w, b, t, valid, opts)
+    c = _coefs(tab, t, valid, 1)
+    one = be.backward(h, w, b, t, state, c, opts, (True, True, True))
+    two = be.backward(h, w, b, t, state, torch.stack([c, torch.zeros_like(c)]), opts, (True, True, True))
+    for a, d in zip(one, two):
+        torch.testing.assert_close(a, d, rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("coef_shape,dot,match", [
+    ((3, 45), None, "needs dot"),
+    ((4, 45), "ok", r"coef must be \[N\], \[2, N\] or \[3, N\]"),
+    ((2, 44), None, r"coef must be \[N\], \[2, N\] or \[3, N\]"),
+    ((3, 45), "short", r"dot must be a contiguous fp32 CPU tensor \[V\]"),
+])
+def test_v2_bad_coefficients_and_dot_are_clear_errors(coef_shape, dot, match):
+    h, w, t, b, valid, tab, good_dot = _v2_inputs(torch.float32, False)
+    be = resolve_backend("cpu", torch.device("cpu"))
+    _, state, _, _ = be.forward(h, w, b, t, valid, LogitOptions())
+    d = {None: None, "ok": good_dot, "short": good_dot[:-1]}[dot]
+    with pytest.raises(RuntimeError, match=match):
+        be.backward(h, w, b, t, state, torch.zeros(coef_shape), LogitOptions(), (True, True, False), dot=d)

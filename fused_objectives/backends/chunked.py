@@ -1,10 +1,11 @@
 """Gradients in the forward pass, for losses reduced to a scalar: three GEMMs instead of four.
 
 A fused forward that keeps no logits must recompute them in the backward (4 GEMMs against the 3 of
-an unfused forward + backward).  When the loss is a sum (or a mean: a sum times a scalar) the
-per-token coefficient ``c_i = dSum/dlogp_i`` depends only on token i's own log-probability, so it
-is known as soon as a token chunk's logits are: each chunk's ``[rows, V]`` logits are computed
-once, turned in place into ``c_i * (onehot - softmax)`` and fed to the dX / dW GEMMs right away.
+an unfused forward + backward).  When the loss is a sum (or a mean: a sum times a scalar) of
+per-token terms in token i's own row statistics (``logp_i``, ``lse_i``, ``dotz_i = sum_j u_j z_ij``:
+backend contract v2), the coefficients ``c_i, b_i, g_i`` of its gradient are known as soon as a
+token chunk's logits are: each chunk's ``[rows, V]`` logits are computed once, turned in place into
+``c_i (onehot - softmax) + b_i softmax + g_i u`` and fed to the dX / dW GEMMs right away.
 The backward then only scales the stored gradients by the upstream scalar.
 
 The chunk buffer is bounded by a byte budget (never ``N * V``); ignored tokens are gathered away
@@ -36,11 +37,14 @@ def forward_with_grad(
     budget_bytes: int,
     half_gemm: bool = False,
     row_stats: bool = False,
+    dot: Optional[torch.Tensor] = None,
 ):
-    """``(total, logp, kept, argmax, dx, dw, db)``: the summed objective, per-token statistics, and
-    the gradients of ``total`` (None where not needed; fp32, or for dX / dW the GEMM dtype).  With
-    ``row_stats``, an eighth value: ``[2, N]`` fp32 rows ``(logsumexp, softmax entropy)`` of each
-    token's logits (0 at ignored tokens), from the same epilogue (``chunk_stats_entropy``).
+    """``(total, logp, kept, argmax, dx, dw, db, rows)``: the summed objective, per-token statistics,
+    the gradients of ``total`` (None where not needed; fp32, or for dX / dW the GEMM dtype), and
+    ``rows`` fp32 ``[3, N]`` = (logsumexp, softmax entropy if ``row_stats``, ``dotz`` if ``dot``)
+    of each token's logits (0 at ignored tokens and where not asked), from the same epilogue.
+    ``coef_fn(logp, lse, dotz | None, target, valid) -> (chunk total, kept, coef)`` is called per
+    token chunk (its targets: class weights need them) with ``coef`` ``[r]`` (c), ``[2, r]`` (c, b) or ``[3, r]`` (c, b, g; only with ``dot``).
     Host-side loop over token chunks: meant for CPU tensors, where reading the number of valid
     tokens is free.
 
@@ -54,11 +58,11 @@ def forward_with_grad(
     # no autocast: the GEMM dtype is chosen here (Trainer's bf16 runs under autocast)
     with torch.autocast(hidden.device.type, enabled=False):
         return _forward_with_grad(hidden, weight, bias, target, valid, opts, coef_fn, needs, budget_bytes,
-                                  half_gemm, row_stats)
+                                  half_gemm, row_stats, dot)
 
 
 def _forward_with_grad(hidden, weight, bias, target, valid, opts, coef_fn, needs, budget_bytes, half_gemm,
-                       row_stats=False):
+                       row_stats=False, dot=None):
     ops = torch.ops.fused_objectives
     need_dx, need_dw, need_db = needs
     N, H = hidden.shape
@@ -78,7 +82,7 @@ def _forward_with_grad(hidden, weight, bias, target, valid, opts, coef_fn, needs
     logp = torch.zeros(N, dtype=f32, device=dev)
     kept = torch.zeros(N, dtype=torch.bool, device=dev)
     argmax = torch.zeros(N, dtype=torch.int64, device=dev)
-    rows_out = torch.zeros(2, N, dtype=f32, device=dev) if row_stats else None
+    rows_out = torch.zeros(3, N, dtype=f32, device=dev)
     # each token's dX row comes from one GEMM: kept in the GEMM dtype; dW sums over token chunks in
     # fp32 unless there is only one (then the GEMM's own output, accumulated in fp32 inside)
     dx = torch.zeros(N, H, dtype=cdt, device=dev) if need_dx else None
@@ -92,7 +96,7 @@ def _forward_with_grad(hidden, weight, bias, target, valid, opts, coef_fn, needs
     if n_act == 0:
         if need_dw and dw is None:
             dw = torch.zeros(V, H, dtype=cdt, device=dev)
-        return (total, logp, kept, argmax, dx, dw, db) + ((rows_out,) if row_stats else ())
+        return total, logp, kept, argmax, dx, dw, db, rows_out
 
     # one converted weight copy (gradient-sized) when the weight is not in the GEMM dtype
     wc = weight if weight.dtype == cdt else weight.to(cdt)
@@ -118,29 +122,23 @@ def _forward_with_grad(hidden, weight, bias, target, valid, opts, coef_fn, needs
         z = torch.mm(x, wc.T, out=buf[:n])
         # bf16 rounds the tile's logits; the target's, which decides log p, is taken in fp32 apart
         traw = ops.target_logits(x, wc, t) if half else None
-        if row_stats:
-            lp, state, am, ent = ops.chunk_stats_entropy(z, b32, t, scale, softcap, traw)
-            rs = torch.stack([state[0] + state[1], ent])
-        else:
-            lp, state, am = ops.chunk_stats(z, b32, t, scale, softcap, traw)
-        tot, kp, c = coef_fn(lp, torch.ones_like(lp, dtype=torch.bool))
+        lp, state, am, rs = ops.chunk_stats(z, b32, t, scale, softcap, traw, bool(row_stats), dot)
+        tot, kp, c = coef_fn(lp, rs[0], rs[2] if dot is not None else None, t, torch.ones_like(lp, dtype=torch.bool))
         if ii is None:
             logp[start:start + n] = lp
             kept[start:start + n] = kp
             argmax[start:start + n] = am
-            if row_stats:
-                rows_out[:, start:start + n] = rs
+            rows_out[:, start:start + n] = rs
         else:
             logp.index_copy_(0, ii, lp)
             kept.index_copy_(0, ii, kp)
             argmax.index_copy_(0, ii, am)
-            if row_stats:
-                rows_out.index_copy_(1, ii, rs)
+            rows_out.index_copy_(1, ii, rs)
         total += tot
         if not (need_dx or need_dw or need_db):
             continue
-        # in place: z -> dz = c * (onehot - softmax) * d(transform), rounded to the GEMM dtype
-        ops.chunk_grad_(z, b32, t, state, c.to(f32).contiguous(), scale, softcap, traw)
+        # in place: z -> dz = (c (onehot - softmax) + b softmax + g u) * d(transform), rounded to the GEMM dtype
+        ops.chunk_grad_(z, b32, t, state, c.to(f32).contiguous(), scale, softcap, traw, dot)
         if need_dx:
             if ii is None:
                 torch.mm(z, wc, out=dx[start:start + n])
@@ -161,4 +159,4 @@ def _forward_with_grad(hidden, weight, bias, target, valid, opts, coef_fn, needs
             db.add_(z.sum(dim=0))  # fp32 inside; half-precision: one rounding per chunk (a dtype= would copy z)
     if half and dw is not None and dw.dtype != cdt:
         dw = dw.to(cdt)
-    return (total, logp, kept, argmax, dx, dw, db) + ((rows_out,) if row_stats else ())
+    return total, logp, kept, argmax, dx, dw, db, rows_out

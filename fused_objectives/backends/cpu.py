@@ -239,43 +239,31 @@ def _register_fakes() -> None:
     # shape-only kernels so torch.compile / FakeTensor tracing can see through the operators
     @torch.library.register_fake("fused_objectives::lse_forward")
     def _lse_forward_fake(hidden, weight, bias, target, valid, logit_scale, softcap, chunk_rows, chunk_cols,
-                          half_gemm=False):
+                          half_gemm=False, entropy=False, dot=None):
         n = hidden.shape[0]
         return (hidden.new_empty((n,), dtype=torch.float32), hidden.new_empty((3, n), dtype=torch.float32),
-                hidden.new_empty((n,), dtype=torch.int64))
+                hidden.new_empty((n,), dtype=torch.int64), hidden.new_empty((3, n), dtype=torch.float32))
 
     @torch.library.register_fake("fused_objectives::grad_backward")
     def _grad_backward_fake(hidden, weight, bias, target, state, coef, logit_scale, softcap,
-                            need_dx, need_dw, need_db, chunk_rows, chunk_cols, half_gemm=False):
+                            need_dx, need_dw, need_db, chunk_rows, chunk_cols, half_gemm=False, dot=None):
         return (torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_dx else None,
                 torch.empty_like(weight, memory_format=torch.contiguous_format) if need_dw else None,
                 torch.empty_like(bias) if need_db else None)
 
     @torch.library.register_fake("fused_objectives::chunk_stats")
-    def _chunk_stats_fake(z, bias, target, logit_scale, softcap, target_raw=None):
+    def _chunk_stats_fake(z, bias, target, logit_scale, softcap, target_raw=None, entropy=False, dot=None):
         n = z.shape[0]
         return (z.new_empty((n,), dtype=torch.float32), z.new_empty((3, n), dtype=torch.float32),
-                z.new_empty((n,), dtype=torch.int64))
+                z.new_empty((n,), dtype=torch.int64), z.new_empty((3, n), dtype=torch.float32))
 
     @torch.library.register_fake("fused_objectives::chunk_grad_")
-    def _chunk_grad_fake(z, bias, target, state, coef, logit_scale, softcap, target_raw=None):
+    def _chunk_grad_fake(z, bias, target, state, coef, logit_scale, softcap, target_raw=None, dot=None):
         return None
 
     @torch.library.register_fake("fused_objectives::target_logits")
     def _target_logits_fake(hidden, weight, target):
         return hidden.new_empty((hidden.shape[0],), dtype=torch.float32)
-
-    @torch.library.register_fake("fused_objectives::lse_forward_entropy")
-    def _lse_forward_entropy_fake(hidden, weight, bias, target, valid, logit_scale, softcap, chunk_rows,
-                                  chunk_cols, half_gemm=False):
-        n = hidden.shape[0]
-        return _lse_forward_fake(hidden, weight, bias, target, valid, logit_scale, softcap, chunk_rows,
-                                 chunk_cols, half_gemm) + (hidden.new_empty((n,), dtype=torch.float32),)
-
-    @torch.library.register_fake("fused_objectives::chunk_stats_entropy")
-    def _chunk_stats_entropy_fake(z, bias, target, logit_scale, softcap, target_raw=None):
-        return _chunk_stats_fake(z, bias, target, logit_scale, softcap, target_raw) + (
-            z.new_empty((z.shape[0],), dtype=torch.float32),)
 
 
 _FAKES_DONE = False
@@ -405,34 +393,36 @@ class CPUBackend:
         return plan_chunks(n, weight.shape[0], h, hidden.dtype == torch.float32, weight.dtype == torch.float32,
                            self.budget_bytes, self.tile_bytes)
 
-    def forward(self, hidden, weight, bias, target, valid, opts: LogitOptions, row_stats: bool = False):
+    def forward(self, hidden, weight, bias, target, valid, opts: LogitOptions, row_stats: bool = False,
+                dot: Optional[torch.Tensor] = None):
+        """``(logp, state, argmax, rows [3, N])``: rows = (lse, entropy, dotz); the entropy (one more exp
+        per logit) only with ``row_stats``, ``dotz = sum_j dot_j z_j`` (one more multiply-add per
+        logit) only with ``dot`` (fp32 [V]); zeros otherwise and at invalid tokens."""
         rows, cols = self._plan(hidden, weight)
-        if row_stats:  # the entropy accumulator runs only when asked (one more exp per logit)
-            logp, state, argmax, ent = torch.ops.fused_objectives.lse_forward_entropy(
-                hidden, weight, bias, target, valid, opts.logit_scale, opts.softcap, rows, cols,
-                self._half(hidden, weight))
-            return logp, state, argmax, torch.stack([state[0] + state[1], ent])
         return torch.ops.fused_objectives.lse_forward(hidden, weight, bias, target, valid, opts.logit_scale,
-                                                      opts.softcap, rows, cols, self._half(hidden, weight))
+                                                      opts.softcap, rows, cols, self._half(hidden, weight),
+                                                      bool(row_stats), dot)
 
     def backward(self, hidden, weight, bias, target, state, coef, opts: LogitOptions,
-                 needs: Tuple[bool, bool, bool]):
+                 needs: Tuple[bool, bool, bool], dot: Optional[torch.Tensor] = None):
+        """Gradients of ``sum_i c_i logp_i + b_i lse_i + g_i dotz_i`` with ``coef`` fp32 ``[N]`` (c),
+        ``[2, N]`` (c, b) or ``[3, N]`` (c, b, g; with ``dot``).  Tokens whose coefficients are all
+        zero are skipped."""
         need_dx, need_dw, need_db = (bool(needs[0]), bool(needs[1]), bool(needs[2]) and bias is not None)
         rows, cols = self._plan(hidden, weight)
         return torch.ops.fused_objectives.grad_backward(hidden, weight, bias, target, state, coef, opts.logit_scale,
                                                         opts.softcap, need_dx, need_dw, need_db, rows, cols,
-                                                        self._half(hidden, weight))
+                                                        self._half(hidden, weight), dot)
 
     @staticmethod
     def _half(hidden, weight) -> bool:
         return hidden.dtype == weight.dtype and half_gemm(hidden.dtype)
 
-
     def forward_with_grad(self, hidden, weight, bias, target, valid, opts: LogitOptions, coef_fn, needs,
-                          row_stats: bool = False):
+                          row_stats: bool = False, dot: Optional[torch.Tensor] = None):
         """Scalar losses: gradients computed in the forward, 3 GEMMs instead of 4 (see chunked.py)."""
         return chunked.forward_with_grad(hidden, weight, bias, target, valid, opts, coef_fn, needs,
-                                         self.budget_bytes, self._half(hidden, weight), row_stats)
+                                         self.budget_bytes, self._half(hidden, weight), row_stats, dot)
 
 
 def ensure_built() -> None:
