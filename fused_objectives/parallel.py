@@ -63,7 +63,7 @@ def is_dtensor(x) -> bool:
 
 
 def _placement_names(placements) -> str:
-    return "(" + ", ".join(str(p) for p in placements) + ")"
+    return "(" + ", ".join(repr(p) for p in placements) + ")"
 
 
 def _shard_dim(name: str, t) -> int:
@@ -152,6 +152,10 @@ class VocabParallelBackend:
     this rank's rows ``[bounds[rank], bounds[rank + 1])`` and the per-token statistics are
     combined over ``group``.  Made by :func:`localize` for one call (it keeps the inner backend's
     forward state for the backward)."""
+
+    #: a graph of the gradient (``create_graph=True``) would need the materialised logits of every
+    #: shard; the autograd layer refuses it for this backend
+    supports_double_backward = False
 
     def __init__(self, inner, group, rank: int, bounds: list):
         self.inner = inner

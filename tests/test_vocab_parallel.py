@@ -176,6 +176,102 @@ def _case_confident(rank, mesh):
             "db (target column 1 - P)": (db, rdb[lo:hi].float())}
 
 
+# ----------------------------------------------------------------------------- the functional API
+# (backend, keyword arguments): every objective kind, reduction and loss term on a Shard(0) weight
+FUNCTIONAL = {
+    "nll_mean": ("reference", dict(objective="nll")),
+    "neg_p_sum_transforms": ("reference", dict(objective="neg_p", reduction="sum", softcap=3.0, logit_scale=0.8)),
+    "gated_none": ("reference", dict(objective="neg_p_top:0.05", reduction="none")),
+    "kept_stats_no_bias": ("reference", dict(objective="nll_bottom:0.5", normalize="kept", return_stats=True,
+                                             bias=False)),
+    "terms_mean": ("reference", dict(z_loss=1e-2, label_smoothing=0.1, class_weight=True, return_stats=True)),
+    "terms_none_dtensor_hidden": ("reference", dict(reduction="none", z_loss=1e-3, label_smoothing=0.2,
+                                                    hidden_dtensor=True)),
+    "triton_fused_nll": ("triton_fused", dict(objective="nll", return_stats=True)),
+    "triton_fused_terms": ("triton_fused", dict(objective="neg_p", reduction="sum", label_smoothing=0.1,
+                                                class_weight=True, z_loss=1e-2, softcap=4.0)),
+}
+
+
+def _functional(mesh, backend, kw):
+    """Loss, statistics and gradients of ``linear_objective_loss`` with a Shard(0) DTensor weight vs
+    the same call on the full weight in one process."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    from fused_objectives import linear_objective_loss
+
+    kw = dict(kw)
+    use_bias, hidden_dt = kw.pop("bias", True), kw.pop("hidden_dtensor", False)
+    n, h, v = 12, 6, 9  # 9 rows: 5 + 4
+    hid, w, b, t, valid, _ = _inputs(n, h, v, seed=5)
+    g = torch.Generator().manual_seed(6)
+    if kw.get("class_weight") is True:
+        kw["class_weight"] = torch.rand(v, generator=g) + 0.5
+    upstream = torch.rand(n, generator=g)
+    out = {}
+
+    def run(weight, bias, hidden):
+        res = linear_objective_loss(hidden, weight, t, bias, backend=backend, **kw)
+        loss, stats = res if kw.get("return_stats") else (res, None)
+        (loss * upstream if kw.get("reduction") == "none" else loss).sum().backward()
+        return loss, stats
+
+    h0, w0 = hid.clone().requires_grad_(), w.clone().requires_grad_()
+    b0 = b.clone().requires_grad_() if use_bias else None
+    loss0, stats0 = run(w0, b0, h0)
+    h1 = hid.clone().requires_grad_()
+    w1 = _shard(mesh, w).requires_grad_()
+    b1 = _shard(mesh, b).requires_grad_() if use_bias else None
+    loss1, stats1 = run(w1, b1, DTensor.from_local(h1, mesh, [Replicate()]) if hidden_dt else h1)
+    out["loss"] = (loss1, loss0)
+    out["d hidden"] = (h1.grad, h0.grad)
+    out["d weight"] = (w1.grad.full_tensor(), w0.grad)
+    if use_bias:
+        out["d bias"] = (b1.grad.full_tensor(), b0.grad)
+    if stats0 is not None:
+        for key in ("logp", "lse", "entropy", "predicted", "hit", "kept", "accuracy", "mean_p", "z_loss"):
+            if getattr(stats0, key, None) is not None:
+                out[f"stats.{key}"] = (stats1[key], stats0[key])
+    return out
+
+
+def _case_functional(rank, mesh):
+    res = {}
+    for name, (backend, kw) in FUNCTIONAL.items():
+        try:
+            res[name] = _functional(mesh, backend, kw)
+        except Exception:
+            res[name] = traceback.format_exc()
+    return res
+
+
+def _case_refusals(rank, mesh):
+    """What localize refuses, with the message each rank gets (no collective is reached)."""
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+
+    from fused_objectives import linear_objective_loss
+
+    hid, w, b, t, _, _ = _inputs(4, 6, 9, seed=7)
+    calls = {
+        "Shard(1) weight": lambda: (hid, distribute_tensor(w, mesh, [Shard(1)]), None),
+        "Partial weight": lambda: (hid, DTensor.from_local(w, mesh, [Partial()]), None),
+        "Replicate weight": lambda: (hid, distribute_tensor(w, mesh, [Replicate()]), None),
+        "sharded hidden": lambda: (distribute_tensor(hid, mesh, [Shard(0)]), _shard(mesh, w), None),
+        "plain bias": lambda: (hid, _shard(mesh, w), b),
+    }
+    out = {}
+    for name, make in calls.items():
+        h_, w_, b_ = make()
+        try:
+            linear_objective_loss(h_, w_, t, b_, backend="reference")
+            out[name] = "no error"
+        except ValueError as e:
+            out[name] = f"ValueError: {e}"
+        except Exception as e:  # reported as a failure by the test
+            out[name] = f"{type(e).__name__}: {e}"
+    return out
+
+
 CASES = {name[6:]: fn for name, fn in dict(globals()).items() if name.startswith("_case_")}
 
 
@@ -226,6 +322,22 @@ def test_wrapper_matches_unsharded_truth(_results, case):
 
 def test_wrapper_keeps_confident_tokens_accurate(_results):
     _check(_results["confident"], rtol=1e-5, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", list(FUNCTIONAL))
+def test_functional_sharded_weight_equals_unsharded(_results, name):
+    _check(_results["functional"][name], rtol=2e-5, atol=2e-6)
+
+
+def test_unsupported_layouts_are_refused(_results):
+    got = _results["refusals"]
+    for name, message in got.items():
+        assert message.startswith("ValueError: "), (name, message)
+    assert "Shard(dim=1)" in got["Shard(1) weight"] and "Shard(0)" in got["Shard(1) weight"]
+    assert "Partial" in got["Partial weight"]
+    assert "exactly one mesh dimension" in got["Replicate weight"]
+    assert "hidden is a DTensor" in got["sharded hidden"] and "Replicate" in got["sharded hidden"]
+    assert "bias is a plain tensor" in got["plain bias"]
 
 
 # ----------------------------------------------------------------------------- single process
