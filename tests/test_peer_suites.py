@@ -12,8 +12,10 @@
 - PyTorch's ``F.linear_cross_entropy`` tests: its shapes (vocabulary 6000 / 5000 with tiny H, 1500
   tokens over V = 64, a ``[3, 4]`` batch with bias and ``ignore_index=-1``), every reduction.
 
-Not ported (features this engine does not have, tracked in issue 14): label smoothing, z-loss
-(``lse_square_scale``), class weights (``ce_weight``).  The truth is float64 PyTorch on materialised
+Liger's extras are ported too: class weights (``ce_weight``), z-loss (``lse_square_scale``, its
+z-loss divided by the count of non-ignored tokens) and label smoothing, alone and together with
+``ignore_index=42`` and ``softcap=30``; PyTorch's ``weight`` / ``label_smoothing`` options likewise.
+The truth is float64 PyTorch on materialised
 logits, written here from the definitions.  Everything runs on the ``cpu`` backend; the Triton
 backends run a small-shape subset (under the interpreter without a GPU) and, on a GPU, Liger's whole
 matrix at its large shape.  PyTorch's float64 gradcheck is not ported: the fused backends take
@@ -34,7 +36,7 @@ def _device(backend):
 
 
 def _truth(h, w, t, b=None, *, reduction="mean", ignore_index=-100, softcap=None, shift=False,
-           objective="nll", upstream=None):
+           objective="nll", upstream=None, z_loss=0.0, label_smoothing=0.0, class_weight=None):
     """float64 loss and gradients (of ``loss`` or ``(loss * upstream).sum()``) from the definitions."""
     h64 = h.detach().double().requires_grad_()
     w64 = w.detach().double().requires_grad_()
@@ -57,6 +59,17 @@ def _truth(h, w, t, b=None, *, reduction="mean", ignore_index=-100, softcap=None
     else:
         n = valid.sum()
         loss = per_tok.sum() / n if n > 0 else per_tok.sum() * 0
+    if objective == "nll" and (label_smoothing or class_weight is not None):
+        # torch's own definition of the weighted, smoothed cross-entropy
+        V = z.shape[-1]
+        cw = None if class_weight is None else class_weight.double()
+        loss = F.cross_entropy(z.reshape(-1, V), t.reshape(-1), weight=cw, ignore_index=ignore_index,
+                               label_smoothing=label_smoothing, reduction=reduction)
+        loss = loss.reshape(t.shape) if reduction == "none" else loss
+    if z_loss:
+        zt = torch.where(valid, z_loss * torch.logsumexp(z, -1) ** 2, torch.zeros((), dtype=z.dtype))
+        n = valid.sum()
+        loss = loss + (zt if reduction == "none" else zt.sum() if reduction == "sum" else zt.sum() / max(int(n), 1))
     if upstream is None and loss.dim():
         upstream = torch.ones(loss.shape)
     (loss if upstream is None else (loss * upstream.double()).sum()).backward()
@@ -90,7 +103,10 @@ LIGER_TOLERANCES = [  # reduction, dtype, atol, rtol (Liger's own)
     ("none", torch.bfloat16, 5.0, 50.0),
     ("none", torch.float32, 1e-3, 5e-2),
 ]
-LIGER_OPTIONS = [(-100, None), (42, 30.0)]  # (ignore_index, softcap); its other extras are issue 14
+# (ignore_index, softcap, lse_square_scale, label_smoothing, ce_weight), as in Liger's matrix
+LIGER_OPTIONS = [(-100, None, 0.0, 0.0, False), (42, 30.0, 0.0, 0.0, False), (42, 30.0, 1e-4, 0.1, True),
+                 (-100, None, 1e-4, 0.0, False), (-100, None, 0.0, 0.1, False), (-100, None, 0.0, 0.0, True)]
+LIGER_IDS = ["default", "ii42-cap30", "ii42-cap30-z-smooth-weight", "z", "smooth", "weight"]
 
 
 def _liger_inputs(B, T, H, V, dtype, bias, ignore_index, seed=0):
@@ -104,11 +120,17 @@ def _liger_inputs(B, T, H, V, dtype, bias, ignore_index, seed=0):
     return h, w, t, b
 
 
-def _liger_case(backend, shape, reduction, dtype, atol, rtol, bias, ignore_index, softcap):
+def _liger_case(backend, shape, reduction, dtype, atol, rtol, bias, ignore_index, softcap, z_loss=0.0,
+                label_smoothing=0.0, weighted=False):
     h, w, t, b = _liger_inputs(*shape, dtype, bias, ignore_index)
-    kw = dict(reduction=reduction, ignore_index=ignore_index, softcap=softcap)
+    kw = dict(reduction=reduction, ignore_index=ignore_index, softcap=softcap, z_loss=z_loss,
+              label_smoothing=label_smoothing)
+    if weighted:  # Liger's ce_weight: torch.rand(V) * 10
+        kw["class_weight"] = torch.rand(shape[-1], generator=torch.Generator().manual_seed(5)) * 10
     loss, grads = _ours(backend, h, w, t, b, **kw)
     want, want_grads = _truth(h, w, t, b, **kw)
+    if weighted:
+        kw["class_weight"] = kw["class_weight"].to(_device(backend))
     _close(loss, want, atol, rtol, "loss")
     for name, g, wg in zip(("dh", "dw", "db"), grads, want_grads):
         if wg is None:
@@ -123,12 +145,14 @@ def _liger_case(backend, shape, reduction, dtype, atol, rtol, bias, ignore_index
     assert not loss_ng.requires_grad
 
 
-@pytest.mark.parametrize("ignore_index,softcap", LIGER_OPTIONS, ids=["default", "ii42-cap30"])
+@pytest.mark.parametrize("ignore_index,softcap,z_loss,smoothing,weighted", LIGER_OPTIONS, ids=LIGER_IDS)
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("reduction,dtype,atol,rtol", LIGER_TOLERANCES,
                          ids=[f"{r}-{str(d)[6:]}" for r, d, _, _ in LIGER_TOLERANCES])
-def test_liger_correctness_random_shape(reduction, dtype, atol, rtol, bias, ignore_index, softcap):
-    _liger_case("cpu", (4, 47, 31, 123), reduction, dtype, atol, rtol, bias, ignore_index, softcap)
+def test_liger_correctness_random_shape(reduction, dtype, atol, rtol, bias, ignore_index, softcap, z_loss,
+                                        smoothing, weighted):
+    _liger_case("cpu", (4, 47, 31, 123), reduction, dtype, atol, rtol, bias, ignore_index, softcap, z_loss,
+                smoothing, weighted)
 
 
 @pytest.mark.parametrize("reduction,dtype,atol,rtol", [LIGER_TOLERANCES[0], LIGER_TOLERANCES[1]],
@@ -138,26 +162,30 @@ def test_liger_correctness_large_shape(reduction, dtype, atol, rtol):
 
 
 @pytest.mark.parametrize("backend", TRITON_BACKENDS)
-@pytest.mark.parametrize("reduction,dtype,atol,rtol,bias,ignore_index,softcap", [
-    ("mean", torch.float32, 1e-5, 5e-4, True, 42, 30.0),
-    ("sum", torch.bfloat16, 5.0, 50.0, False, -100, None),
-    ("none", torch.float32, 1e-3, 5e-2, True, -100, None),
-], ids=["mean-f32-bias-ii42-cap30", "sum-bf16", "none-f32-bias"])
-def test_liger_correctness_triton(backend, reduction, dtype, atol, rtol, bias, ignore_index, softcap):
+@pytest.mark.parametrize("reduction,dtype,atol,rtol,bias,ignore_index,softcap,extras", [
+    ("mean", torch.float32, 1e-5, 5e-4, True, 42, 30.0, False),
+    ("sum", torch.bfloat16, 5.0, 50.0, False, -100, None, False),
+    ("none", torch.float32, 1e-3, 5e-2, True, -100, None, False),
+    ("mean", torch.float32, 1e-5, 5e-4, True, 42, 30.0, True),
+], ids=["mean-f32-bias-ii42-cap30", "sum-bf16", "none-f32-bias", "mean-f32-ii42-cap30-z-smooth-weight"])
+def test_liger_correctness_triton(backend, reduction, dtype, atol, rtol, bias, ignore_index, softcap, extras):
     # a smaller sibling of Liger's random shape (the interpreter is slow); V still not a block multiple
-    _liger_case(backend, (2, 23, 31, 123), reduction, dtype, atol, rtol, bias, ignore_index, softcap)
+    more = (1e-4, 0.1, True) if extras else ()
+    _liger_case(backend, (2, 23, 31, 123), reduction, dtype, atol, rtol, bias, ignore_index, softcap, *more)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", TRITON_BACKENDS)
-@pytest.mark.parametrize("ignore_index,softcap", LIGER_OPTIONS, ids=["default", "ii42-cap30"])
+@pytest.mark.parametrize("ignore_index,softcap,z_loss,smoothing,weighted", LIGER_OPTIONS, ids=LIGER_IDS)
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 @pytest.mark.parametrize("reduction,dtype,atol,rtol", LIGER_TOLERANCES,
                          ids=[f"{r}-{str(d)[6:]}" for r, d, _, _ in LIGER_TOLERANCES])
-def test_liger_correctness_large_shape_gpu(backend, reduction, dtype, atol, rtol, bias, ignore_index, softcap):
+def test_liger_correctness_large_shape_gpu(backend, reduction, dtype, atol, rtol, bias, ignore_index, softcap,
+                                           z_loss, smoothing, weighted):
     # Liger's full matrix at its large shape on the compiled kernels (where a soft-cap tanh that
     # loses precision once missed Liger's own fp32 tolerance)
-    _liger_case(backend, (8, 128, 1024, 4096), reduction, dtype, atol, rtol, bias, ignore_index, softcap)
+    _liger_case(backend, (8, 128, 1024, 4096), reduction, dtype, atol, rtol, bias, ignore_index, softcap, z_loss,
+                smoothing, weighted)
 
 
 @pytest.mark.parametrize("shape", [(2, 2, 8, 8), (9, 7, 41, 41)], ids=["2x2x8x8", "9x7x41x41"])
@@ -316,9 +344,10 @@ TORCH_CASES = {  # name: (input shape, V, bias, ignore_index)
 FP32_RTOL, FP32_ATOL = 1.3e-6, 1e-5
 
 
+@pytest.mark.parametrize("terms", ["plain", "weight-smooth"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("case", list(TORCH_CASES))
-def test_torch_linear_cross_entropy_cases(case, reduction):
+def test_torch_linear_cross_entropy_cases(case, reduction, terms):
     shape, V, bias, ignore_index = TORCH_CASES[case]
     g = torch.Generator().manual_seed(0)
     h = torch.randn(*shape, generator=g)
@@ -327,6 +356,8 @@ def test_torch_linear_cross_entropy_cases(case, reduction):
     t = torch.randint(0, V, shape[:-1], generator=g)
     up = torch.ones(t.shape) if reduction == "none" else None
     kw = dict(reduction=reduction, ignore_index=ignore_index)
+    if terms != "plain":  # F.linear_cross_entropy's weight= and label_smoothing=
+        kw.update(class_weight=torch.rand(V, generator=g) + 0.5, label_smoothing=0.25)
     loss, grads = _ours("cpu", h, w, t, b, upstream=up, **kw)
     want, want_grads = _truth(h, w, t, b, upstream=up, **kw)
     if reduction == "none":
