@@ -182,6 +182,11 @@ class TargetLogprobFunction(torch.autograd.Function):
             coef = masked(g_logp)
         if torch.is_grad_enabled():
             # create_graph=True: the fused kernels' gradient is not itself differentiable
+            if not getattr(ctx.backend, "supports_double_backward", True):
+                raise RuntimeError(
+                    f"double backward (create_graph=True) is not supported by backend="
+                    f"{_backend_name(ctx.backend)!r}: e.g. a vocabulary-sharded (DTensor) weight, whose "
+                    f"second-order graph would need the whole vocabulary on every rank")
             dx, dw, db = _differentiable_grads(hidden, weight, bias, target, valid, coef.reshape(-1, n), ctx.opts,
                                                needs, dot)
         elif coef.dim() == 1:

@@ -185,7 +185,9 @@ def _is_dtensor(t) -> bool:
 
 
 def _prepare(hidden, weight, target, bias, ignore_index, shift, softcap, logit_scale, backend):
-    """Validate, flatten to 2-D and resolve the backend: ``(h2, t1, valid, opts, backend, shape)``."""
+    """Validate, flatten to 2-D and resolve the backend: ``(h2, t1, valid, opts, backend, shape, weight,
+    bias)`` (a DTensor weight / bias comes back as this rank's local shard, with a backend that
+    combines the shards' statistics)."""
     _check_inputs(hidden, weight, target, bias, ignore_index, shift, backend if isinstance(backend, str) else None)
     opts = LogitOptions(logit_scale=logit_scale, softcap=softcap)
     impl = resolve_backend(backend, hidden.device)
@@ -207,7 +209,7 @@ def _prepare(hidden, weight, target, bias, ignore_index, shift, softcap, logit_s
         valid = _valid_targets(t1, V, ignore_index)
     else:  # CUDA: no host sync; an out-of-range target makes its log-probability NaN
         valid = t1 != ignore_index
-    return h2, t1, valid, opts, impl, shape
+    return h2, t1, valid, opts, impl, shape, weight, bias
 
 
 def _grad_in_forward(impl, dtype) -> bool:
@@ -247,8 +249,8 @@ def target_logprob(
     ``z = hidden @ weight.T (+ bias)`` (then scaled and soft-capped), without materialising ``z``;
     0 with zero gradient at positions whose (shifted) target is ``ignore_index``.
     """
-    h2, t1, valid, opts, impl, shape = _prepare(hidden, weight, target, bias, ignore_index, shift,
-                                                softcap, logit_scale, backend)
+    h2, t1, valid, opts, impl, shape, weight, bias = _prepare(hidden, weight, target, bias, ignore_index, shift,
+                                                              softcap, logit_scale, backend)
     logp = _logprob(h2, weight, bias, t1, valid, opts, impl)[0]
     return logp.reshape(shape)
 
@@ -396,8 +398,8 @@ def linear_objective_loss(
         raise ValueError("num_items_in_batch (a count of valid tokens across micro-batches) cannot be "
                          "combined with normalize='kept'; use normalize='valid' or drop num_items_in_batch")
     V = weight.shape[0] if isinstance(weight, torch.Tensor) and weight.dim() == 2 else 0
-    h2, t1, valid, opts, impl, shape = _prepare(hidden, weight, target, bias, ignore_index, shift,
-                                                softcap, logit_scale, backend)
+    h2, t1, valid, opts, impl, shape, weight, bias = _prepare(hidden, weight, target, bias, ignore_index, shift,
+                                                              softcap, logit_scale, backend)
     terms.check_weight(V, h2.device)
     dot = dot_vector(terms, V, h2.device)
     items = _num_items(num_items_in_batch, h2.device)
