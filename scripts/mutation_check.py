@@ -47,6 +47,7 @@ T_PATHS = "tests/test_paths.py"
 T_FUNC = "tests/test_functional.py"
 T_OBJ = "tests/test_objectives.py"
 T_PREC = "tests/test_precision.py"
+T_TERMS = "tests/test_loss_terms.py"
 T_BENCH_GATE = "tests/test_bench.py::test_gate_rejects_planted_bugs"
 T_BENCH_TRUTH = "tests/test_bench.py::test_gate_truth_covers_every_token_and_matches_the_test_truth"
 
@@ -132,6 +133,20 @@ MUTANTS: List[Mutant] = [
     Mutant("bench-gate-normwise-only", "fused_objectives/bench/inputs.py",
            '"dx_rows": _rowwise(res.dx, gt.dx), "dw_rows": _rowwise(res.dw, gt.dw)}', "}",
            (T_BENCH_GATE,), "bench gate checks norms only: one wrong chunk hides below the tolerance"),
+    # --- loss terms (issue 14) ---
+    Mutant("smoothing-sign", "fused_objectives/autograd.py",
+           "smooth = (eps / vocab) * (dot_sum * lse - dotz)", "smooth = (eps / vocab) * (dot_sum * lse + dotz)",
+           (T_TERMS, "-k", "reference and smooth"), "label smoothing adds u.z instead of subtracting it"),
+    Mutant("zloss-weighted-denominator", "fused_objectives/functional.py",
+           "            z_denom = count\n", "            z_denom = denom\n",
+           (T_TERMS, "-k", "reference and all and mean"), "z-loss divided by the class-weight sum (not the count)"),
+    Mutant("per-token-drops-dlse", "fused_objectives/autograd.py",
+           "        elif g_lse is not None:", "        elif False:",
+           (T_TERMS, "-k", "cpu and zloss and none"), "per-token backward drops the z-loss coefficient on p"),
+    Mutant("class-weight-smoothing-unweighted", "fused_objectives/autograd.py",
+           "        return terms.class_weight.detach().to(device=device, dtype=torch.float32).contiguous()",
+           "        return torch.ones(vocab, dtype=torch.float32, device=device)",
+           (T_TERMS, "-k", "cpu and all and sum"), "smoothing ignores the class weights"),
     Mutant("bench-truth-first-chunk", "fused_objectives/bench/inputs.py",
            "for start in range(0, idx_all.numel(), rows):", "for start in range(0, min(idx_all.numel(), rows), rows):",
            (T_BENCH_TRUTH,), "bench truth covers only the first chunk of tokens"),
