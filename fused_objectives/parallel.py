@@ -47,7 +47,7 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["is_dtensor", "localize", "VocabParallelBackend"]
+__all__ = ["is_dtensor", "localize", "VocabParallelBackend", "head_output_like", "local_view"]
 
 _HALF = (torch.float16, torch.bfloat16)
 _GATHER_ROWS = 8192  # token rows per chunk of the argmax gather-dot ([rows, H] at a time)
@@ -137,6 +137,22 @@ def localize(hidden, weight, bias, impl):
     b_local = None if bias is None else bias.to_local()
     backend = VocabParallelBackend(impl, mesh.get_group(dim), rank, bounds)
     return hidden, w_local, b_local, backend
+
+
+def local_view(x):
+    """This rank's part of ``x`` (``to_local()``, differentiable) when it is a DTensor, else ``x``."""
+    return x.to_local() if is_dtensor(x) else x
+
+
+def head_output_like(value: torch.Tensor, weight) -> torch.Tensor:
+    """``value`` (this rank's ``[..., k]`` block) as a DTensor laid out like the output of a
+    vocabulary-sharded head with weight ``weight``: ``Shard(-1)`` where the weight is ``Shard(0)``,
+    ``Replicate`` elsewhere (what ``ColwiseParallel``'s output hook expects from its module)."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    dim = _shard_dim("weight", weight)
+    placements = [Shard(value.dim() - 1) if i == dim else Replicate() for i in range(weight.device_mesh.ndim)]
+    return DTensor.from_local(value, weight.device_mesh, placements, run_check=False)
 
 
 def _transform(z: torch.Tensor, opts) -> torch.Tensor:
