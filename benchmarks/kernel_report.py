@@ -177,13 +177,19 @@ def _fwd_configs(dtype: DType, arch: str, features: Dict[str, bool]) -> Dict[str
     # the entropy variant has configs of its own (configs.ENTROPY_FORWARD_CONFIGS)
     return _named(configs.forward_config(getattr(_torch(), dtype.torch_name), _capability(arch), dtype.tf32,
                                          entropy=bool(features.get("entropy")),
-                                         softcap=bool(features.get("softcap"))), "FORWARD")
+                                         softcap=bool(features.get("softcap")),
+                                         dot=bool(features.get("dot"))), "FORWARD")
 
 
-def _bwd_configs(dtype: DType, arch: str, _features: Dict[str, bool]) -> Dict[str, object]:
+def _terms(features: Dict[str, bool]) -> int:
+    """Coefficient rows of a backward with these features: c; c, b (HAS_B); c, b, g (HAS_DOT)."""
+    return 3 if features.get("dot") else 2 if features.get("lse_coef") else 1
+
+
+def _bwd_configs(dtype: DType, arch: str, features: Dict[str, bool]) -> Dict[str, object]:
     from fused_objectives.kernels import configs
-    return _named(configs.backward_config(getattr(_torch(), dtype.torch_name), _capability(arch), dtype.tf32),
-                  "BACKWARD")
+    return _named(configs.backward_config(getattr(_torch(), dtype.torch_name), _capability(arch), dtype.tf32,
+                                          terms=_terms(features)), "BACKWARD")
 
 
 def _rows_configs(dtype: DType, arch: str, _features: Dict[str, bool]) -> Dict[str, object]:
@@ -219,7 +225,7 @@ def _lse_fwd_launch(case: Case):
     f32, i64, i32 = torch.float32, torch.int64, torch.int32
     args = dict(x_ptr=Ptr(x), w_ptr=Ptr(x), b_ptr=Ptr(x), tgt_ptr=Ptr(i64), row_idx_ptr=Ptr(i64),
                 n_active_ptr=Ptr(i32), m_ptr=Ptr(f32), rest_ptr=Ptr(f32), amax_ptr=Ptr(i64), tlogit_ptr=Ptr(f32),
-                sent_ptr=Ptr(f32), V=V, H=H, v_per_split=v_per_split, stride_xn=H, stride_xh=1, stride_wv=H,
+                sent_ptr=Ptr(f32), dot_ptr=Ptr(f32), sdot_ptr=Ptr(f32), V=V, H=H, v_per_split=v_per_split, stride_xn=H, stride_xh=1, stride_wv=H,
                 stride_wh=1, stride_part=N, logit_scale=1.0, softcap=1.0)
     return args, dict(**_transforms(case), **_dot_args(case), **_optional(case), **_tile_meta(cfg))
 
@@ -233,11 +239,12 @@ def _grad_bwd_launch(case: Case):
     f32, i64, i32 = torch.float32, torch.int64, torch.int32
     slab = V if x == f32 else min(V, max(cfg.block_v, configs.DW_SLAB_BYTES // (4 * H) // cfg.block_v * cfg.block_v))
     args = dict(x_ptr=Ptr(x), w_ptr=Ptr(x), b_ptr=Ptr(x), tgt_ptr=Ptr(i64), state_ptr=Ptr(f32), omp_ptr=Ptr(f32),
-                coef_ptr=Ptr(f32), row_idx_ptr=Ptr(i64), n_active_ptr=Ptr(i32), dx_ptr=Ptr(f32), dw_ptr=Ptr(f32),
+                coef_ptr=Ptr(f32), dot_ptr=Ptr(f32), row_idx_ptr=Ptr(i64), n_active_ptr=Ptr(i32), dx_ptr=Ptr(f32),
+                dw_ptr=Ptr(f32),
                 db_ptr=Ptr(f32), N=N, V=V, H=H, v_start=0, v_end=slab, stride_xn=H, stride_xh=1, stride_wv=H,
                 stride_wh=1, stride_dxn=H, stride_dwv=H, logit_scale=1.0, softcap=1.0)
     return args, dict(**_transforms(case), **_dot_args(case), COMPUTE_DX=f["dx"], COMPUTE_DW=f["dw"],
-                      COMPUTE_DB=f["db"], **_tile_meta(cfg))
+                      COMPUTE_DB=f["db"], **_optional(case), **_tile_meta(cfg))
 
 
 def _chunk_rows(dtype) -> int:
@@ -258,8 +265,8 @@ def _row_stats_launch(case: Case):
     torch = _torch()
     V, cfg, x, z = SHAPE["V"], case.config, case.torch_dtype, _logits_dtype(case)
     f32, i64 = torch.float32, torch.int64
-    args = dict(z_ptr=Ptr(z), b_ptr=Ptr(x), tgt_ptr=Ptr(i64), m_ptr=Ptr(f32), rest_ptr=Ptr(f32), amax_ptr=Ptr(i64),
-                zt_ptr=Ptr(f32), sent_ptr=Ptr(f32), M=_chunk_rows(z), C=V, stride_zm=V, logit_scale=1.0, softcap=1.0)
+    args = dict(z_ptr=Ptr(z), b_ptr=Ptr(x), tgt_ptr=Ptr(i64), dot_ptr=Ptr(f32), m_ptr=Ptr(f32), rest_ptr=Ptr(f32),
+                amax_ptr=Ptr(i64), zt_ptr=Ptr(f32), sent_ptr=Ptr(f32), sdot_ptr=Ptr(f32), M=_chunk_rows(z), C=V, stride_zm=V, logit_scale=1.0, softcap=1.0)
     return args, dict(**_transforms(case), **_optional(case), BLOCK_M=cfg.block_m, BLOCK_V=cfg.block_v,
                       num_warps=cfg.num_warps)
 
@@ -272,9 +279,9 @@ def _dz_launch(case: Case):
     V, cfg, x, z = SHAPE["V"], case.config, case.torch_dtype, _logits_dtype(case)
     f32, i64 = torch.float32, torch.int64
     args = dict(z_ptr=Ptr(z), dz_ptr=Ptr(x), b_ptr=Ptr(x), tgt_ptr=Ptr(i64), m_ptr=Ptr(f32), log_norm_ptr=Ptr(f32),
-                omp_ptr=Ptr(f32), coef_ptr=Ptr(f32), M=_chunk_rows(z), C=V, col0=0, stride_zm=V, stride_dzm=V,
-                logit_scale=1.0, softcap=1.0)
-    return args, dict(**_transforms(case), BLOCK_M=cfg.block_m, BLOCK_V=cfg.block_v, num_warps=cfg.num_warps)
+                omp_ptr=Ptr(f32), coef_ptr=Ptr(f32), dot_ptr=Ptr(f32), M=_chunk_rows(z), C=V, col0=0, stride_zm=V,
+                stride_dzm=V, stride_coef=_chunk_rows(z), logit_scale=1.0, softcap=1.0)
+    return args, dict(**_transforms(case), **_optional(case), BLOCK_M=cfg.block_m, BLOCK_V=cfg.block_v, num_warps=cfg.num_warps)
 
 
 def _grad_valid(f: Dict[str, bool]) -> bool:
@@ -283,8 +290,10 @@ def _grad_valid(f: Dict[str, bool]) -> bool:
 
 
 TRANSFORMS = ("bias", "scale", "softcap")
-# Features some kernel versions have: feature -> constexpr (compiled when the kernel has that parameter)
-OPTIONAL = {"entropy": "ENTROPY"}
+# Features some kernel versions have: feature -> constexpr (compiled when the kernel has that parameter).
+# lse_coef: the gradient's b p term (z-loss, label smoothing); dot: the forward's sum_j u_j z_j and the
+# gradient's g u term (label smoothing), which comes with lse_coef (coef [3, N] = c, b, g).
+OPTIONAL = {"entropy": "ENTROPY", "lse_coef": "HAS_B", "dot": "HAS_DOT"}
 GRAD_SWITCHES = ("dx", "dw", "db")  # the backward's outputs (subset "full" samples their combinations)
 ROW_FEATURES = TRANSFORMS + ("fp32_logits",)
 # Row kernels have no tl.dot: the TF32 setting cannot change them, one fp32 entry covers both.
@@ -292,10 +301,10 @@ NO_DOT_DTYPES = ("bf16", "fp16", "fp32-ieee")
 
 KERNELS: List[KernelEntry] = [
     KernelEntry("lse_fwd_kernel", "fused_objectives.kernels.forward:lse_fwd_kernel", _fwd_configs,
-                TRANSFORMS, _lse_fwd_launch, smoke=({}, dict(entropy=True))),
+                TRANSFORMS, _lse_fwd_launch, smoke=({}, dict(entropy=True), dict(dot=True))),
     KernelEntry("grad_bwd_kernel", "fused_objectives.kernels.backward:grad_bwd_kernel", _bwd_configs,
                 TRANSFORMS + ("dx", "dw", "db"), _grad_bwd_launch, _grad_valid,
-                smoke=(dict(dx=True, dw=True),)),
+                smoke=(dict(dx=True, dw=True), dict(dx=True, dw=True, lse_coef=True, dot=True))),
     KernelEntry("row_stats_kernel", "fused_objectives.kernels.rows:row_stats_kernel", _rows_configs,
                 ROW_FEATURES, _row_stats_launch, dtypes=NO_DOT_DTYPES,
                 smoke=({}, dict(fp32_logits=True), dict(entropy=True))),
@@ -497,6 +506,11 @@ def verdict(rec: dict) -> str:
 
 
 # ------------------------------------------------------------------ the sweep
+def _terms_valid(f: Dict[str, bool]) -> bool:
+    """A kernel with both switches gets the g term only with the b term (coef [3, N] holds both)."""
+    return not ("lse_coef" in f and f.get("dot") and not f["lse_coef"])
+
+
 def feature_sets(entry: KernelEntry, subset: str) -> List[Dict[str, bool]]:
     """The feature combinations compiled for ``subset``:
 
@@ -513,7 +527,7 @@ def feature_sets(entry: KernelEntry, subset: str) -> List[Dict[str, bool]]:
                 for s in (entry.smoke or ({},))]
         return [f for i, f in enumerate(sets) if f not in sets[:i]]
     combos = [dict(zip(names, bits)) for bits in itertools.product((False, True), repeat=len(names))]
-    combos = [f for f in combos if entry.valid(f)]
+    combos = [f for f in combos if entry.valid(f) and _terms_valid(f)]
     grads = [k for k in names if k in GRAD_SWITCHES]
     if subset == "all" or not grads:
         return combos

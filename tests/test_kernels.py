@@ -197,3 +197,174 @@ def test_gpu_row_kernel_configs_compute_the_same(monkeypatch):
         fused = run(h, w, t, b, backend="triton_chunked", objective="nll", softcap=7.0, **kw)
         assert_no_worse(fused, naive_same_dtype(h, w, t, b, objective="nll", softcap=7.0, **kw),
                         ground_truth(h, w, t, b, objective="nll", softcap=7.0, **kw))
+
+
+# ---------------------------------------------------------------- backend contract v2, called directly
+# The fused strategy's forward rows (lse, entropy, dotz = sum_j u_j z_j) and its backward with the
+# coefficient rows (c, b, g) of sum_i c_i logp_i + b_i lse_i + g_i dotz_i, against float64 written from
+# the definitions (contract.md): z materialised in float64, gradients by torch.autograd.
+
+def _fused_backend():
+    from fused_objectives.backends import _FUSED
+    return _FUSED["triton_fused"]
+
+
+def _truth64(h, w, b, t, scale, cap, u, coef):
+    """float64 (logp, lse, entropy, dotz, argmax) and the gradients of sum c logp + b lse + g dotz."""
+    hd, wd = h.double().requires_grad_(), w.double().requires_grad_()
+    bd = b.double().requires_grad_() if b is not None else None
+    z = hd @ wd.T
+    if bd is not None:
+        z = z + bd
+    if scale is not None:
+        z = z * scale
+    if cap is not None:
+        z = cap * torch.tanh(z / cap)
+    lse = torch.logsumexp(z, dim=1)
+    logp = z.gather(1, t.clamp(0, w.shape[0] - 1)[:, None])[:, 0] - lse
+    p = torch.softmax(z, dim=1)
+    entropy = -(p * torch.log_softmax(z, dim=1)).sum(dim=1)
+    dotz = z @ u.double() if u is not None else None
+    c = coef.double().reshape(-1, h.shape[0])
+    total = (c[0] * logp).sum()
+    if c.shape[0] > 1:
+        total = total + (c[1] * lse).sum()
+    if c.shape[0] > 2:
+        total = total + (c[2] * dotz).sum()
+    total.backward()
+    return dict(logp=logp.detach(), lse=lse.detach(), entropy=entropy.detach(),
+                dotz=None if dotz is None else dotz.detach(), argmax=z.argmax(dim=1),
+                dx=hd.grad, dw=wd.grad, db=None if bd is None else bd.grad)
+
+
+def _close(name, got, want, rtol):
+    err = (got.double() - want).abs().max().item()
+    bound = rtol * max(want.abs().max().item(), 1e-30)
+    assert err <= bound, f"{name}: error {err:.3e} > {bound:.3e}"
+
+
+def _terms_case(N=21, H=17, V=70, terms=3, seed=0):
+    """Inputs plus coefficients whose rows exercise every activity pattern: token 0 invalid (all zero),
+    token 1 valid with all-zero coefficients (junk target and state: must not be read), token 2 only
+    b, token 3 only g (when there is a g), the rest random."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(N, H, generator=g)
+    w = torch.randn(V, H, generator=g) / H ** 0.5
+    t = torch.randint(0, V, (N,), generator=g)
+    h = h + 4.0 * torch.rand(N, 1, generator=g) * w[t] * H ** 0.5  # p(target) from ~0 to ~1
+    valid = torch.ones(N, dtype=torch.bool)
+    valid[0] = False
+    t[0] = -100
+    u = torch.rand(V, generator=g) + 0.5  # class-weight-like dot vector
+    coef = torch.randn(terms, N, generator=g)
+    coef[:, 0] = 0
+    coef[:, 1] = 0
+    if terms > 1:
+        coef[:, 2] = torch.tensor([0.0, 0.7, 0.0][:terms])
+    if terms > 2:
+        coef[:, 3] = torch.tensor([0.0, 0.0, -0.4])
+    return h, w, t, valid, u, coef if terms > 1 else coef[0]
+
+
+@cpu_tensors
+@pytest.mark.parametrize("terms", [1, 2, 3], ids=["c", "c-b", "c-b-g"])
+@pytest.mark.parametrize("transforms", [False, True], ids=["plain", "bias-scale-softcap"])
+@pytest.mark.parametrize("target_programs", [1, 10_000], ids=["one-split", "many-splits"])
+def test_fused_backend_coefficient_rows_against_float64(monkeypatch, terms, transforms, target_programs):
+    # V = 70: not a multiple of the interpreter's 32-wide tile; many splits merge the forward's partial
+    # rows (dotz partials add) across vocabulary splits
+    from fused_objectives.options import LogitOptions
+
+    monkeypatch.setattr(configs, "TARGET_PROGRAMS", target_programs)
+    h, w, t, valid, u, coef = _terms_case(terms=terms)
+    b = torch.randn(w.shape[0]) * 0.5 if transforms else None
+    scale, cap = (0.8, 6.0) if transforms else (None, None)
+    dot = u if terms == 3 else None
+    be = _fused_backend()
+    logp, state, argmax, rows = be.forward(h, w, b, t, valid, LogitOptions(logit_scale=scale, softcap=cap),
+                                           row_stats=True, dot=dot)
+    assert rows.shape == (3, h.shape[0]) and rows.dtype == torch.float32
+    want = _truth64(h, w, b, t, scale, cap, dot, coef)
+    _close("logp", logp[valid], want["logp"][valid], 1e-6)
+    _close("lse", rows[0][valid], want["lse"][valid], 1e-6)
+    _close("entropy", rows[1][valid], want["entropy"][valid], 1e-5)
+    if dot is not None:
+        _close("dotz", rows[2][valid], want["dotz"][valid], 1e-6)
+    assert torch.equal(argmax[valid], want["argmax"][valid])
+    # token 1: all-zero coefficients; its target and state must not be read
+    t_bad, state_bad = t.clone(), state.clone()
+    t_bad[1] = 10 ** 6
+    state_bad[:, 1] = float("nan")
+    dx, dw, db = be.backward(h, w, b, t_bad, state_bad, coef, LogitOptions(logit_scale=scale, softcap=cap),
+                             (True, True, b is not None), dot=dot)
+    assert dx.dtype == h.dtype and dw.dtype == w.dtype
+    _close("dx", dx, want["dx"], 2e-6)
+    _close("dw", dw, want["dw"], 2e-6)
+    if b is not None:
+        _close("db", db, want["db"], 2e-6)
+    else:
+        assert db is None
+
+
+@cpu_tensors
+def test_fused_backend_terms_skip_inactive_and_partial_needs():
+    # an all-zero token computes nothing: with only such tokens the gradients are exact zeros; a token
+    # with only b (or only g) non-zero is active
+    from fused_objectives.options import LogitOptions
+
+    h, w, t, valid, u, coef = _terms_case(terms=3)
+    opts = LogitOptions()
+    be = _fused_backend()
+    _, state, _, _ = be.forward(h, w, None, t, valid, opts, dot=u)
+    zero = torch.zeros_like(coef)
+    dx, dw, db = be.backward(h, w, None, t, state, zero, opts, (True, True, False), dot=u)
+    assert db is None and not dx.any() and not dw.any()
+    only_b = zero.clone()
+    only_b[1, 5] = 1.0
+    dx, dw, _ = be.backward(h, w, None, t, state, only_b, opts, (True, False, False), dot=u)
+    want = _truth64(h, w, None, t, None, None, u, only_b)
+    assert dw is None
+    assert dx[5].abs().max() > 0 and not torch.cat([dx[:5], dx[6:]]).any()
+    _close("dx (only b)", dx, want["dx"], 2e-6)
+
+
+@cpu_tensors
+def test_fused_backend_b_term_keeps_confident_token_accuracy():
+    # a confident token (1 - p ~ 1e-6) with a b term of the same size: the target column is
+    # c (1 - p) + b p with 1 - p from the forward's log p; 1 - p from the recomputed fp32 tile would be
+    # all rounding (~6e-8 absolute: percents of the gradient)
+    from fused_objectives.options import LogitOptions
+
+    N, H, V = 3, 48, 40
+    g = torch.Generator().manual_seed(3)
+    w = torch.linalg.qr(torch.randn(H, V, generator=g, dtype=torch.float64))[0].T.float()  # orthonormal rows
+    t = torch.tensor([5, 17, 33])
+    # z = a at the target, ~0 elsewhere: 1 - p ~ (V - 1) exp(-a) ~ 1e-6 .. 1e-5
+    h = torch.tensor([[16.0], [17.0], [18.0]]) * w[t] + 1e-3 * torch.randn(N, H, generator=g)
+    valid = torch.ones(N, dtype=torch.bool)
+    coef = torch.stack([torch.ones(N), torch.full((N,), 1e-6)])
+    opts = LogitOptions()
+    be = _fused_backend()
+    logp, state, _, _ = be.forward(h, w, None, t, valid, opts)
+    want = _truth64(h, w, None, t, None, None, None, coef)
+    one_minus_p = -torch.expm1(want["logp"])
+    assert one_minus_p.max() < 1e-4, one_minus_p  # really confident
+    dx, dw, _ = be.backward(h, w, None, t, state, coef, opts, (True, True, False))
+    for i in range(N):
+        _close(f"dx row {i}", dx[i], want["dx"][i], 1e-3)
+    _close("dw", dw, want["dw"], 1e-3)
+
+
+@cpu_tensors
+def test_fused_backend_rejects_bad_coefficient_shapes():
+    from fused_objectives.options import LogitOptions
+
+    h, w, t, valid, u, coef = _terms_case(terms=3)
+    be = _fused_backend()
+    _, state, _, _ = be.forward(h, w, None, t, valid, LogitOptions())
+    with pytest.raises(ValueError, match="dot"):
+        be.backward(h, w, None, t, state, coef, LogitOptions(), (True, False, False))  # [3, N] without dot
+    with pytest.raises(ValueError, match="dot"):
+        be.backward(h, w, None, t, state, coef[:2], LogitOptions(), (True, False, False), dot=u)
+    with pytest.raises(ValueError, match=r"\[N\], \[2, N\] or \[3, N\]"):
+        be.backward(h, w, None, t, state, torch.zeros(4, h.shape[0]), LogitOptions(), (True, False, False))

@@ -74,12 +74,17 @@ FORWARD_ENTROPY_TF32_SM80 = KernelConfig(64, 128, 32, 8, 3)
 ENTROPY_FORWARD_CONFIGS = {
     ("half", 80): FORWARD_ENTROPY_HALF, ("half", 90): FORWARD_ENTROPY_HALF, ("tf32", 80): FORWARD_ENTROPY_TF32_SM80,
 }
+# The forward with the dot accumulator (HAS_DOT, label smoothing) takes the same 64-row tiles: with
+# 128 rows it spilled (Triton 3.9, bf16, 255 registers: 560 B on sm_80, 104 B on sm_90a; 24 / 144 B with
+# bias and scale); with 64 rows 170-194 registers, no spill.
 # The soft-capped half-precision forward on sm_90a: 128-row tiles spilled 16 B (255 registers,
 # Triton 3.9); the 64-row entropy tile does not.
 SOFTCAP_FORWARD_CONFIGS = {("half", 90): FORWARD_ENTROPY_HALF}
 # The backward with the lse / dot coefficients (HAS_B, HAS_DOT: z-loss, label smoothing), where the
-# classic config spills with them.
-TERMS_BACKWARD_CONFIGS = {}
+# classic config spills with them: IEEE fp32 on sm_90a with every feature spilled 8 B with 4 warps
+# (Triton 3.9, 168 registers); 8 warps: 141 (3.9) / 147 (3.6) registers, no spill.
+BACKWARD_IEEE_TERMS_SM90 = KernelConfig(64, 32, 16, 8, 2)  # (16,384 B)
+TERMS_BACKWARD_CONFIGS = {("ieee", 90): BACKWARD_IEEE_TERMS_SM90}
 INTERPRET = KernelConfig(block_n=16, block_v=32, block_h=16, num_warps=1, num_stages=1)
 
 # Row kernels: one logits row (or a few under the interpreter) per program, streaming the vocabulary.
