@@ -535,3 +535,90 @@ def test_patched_bf16_model_on_cuda_uses_the_fused_kernels():
         assert torch.isfinite(g1[k]).all(), k
         rel = (g1[k].float() - g0[k].float()).norm() / g0[k].float().norm().clamp(min=1e-12)
         assert rel < 5e-2, (k, rel.item())
+
+
+# ----------------------------------------------------------------------------- loss terms (issue 14)
+def terms_truth64(logits, labels, per_token, z_loss=0.0, eps=0.0, cw=None, num_items=None):
+    """float64 loss from the model's own logits, written from the definitions: per valid token
+    (1 - eps) w[y] f(log p_y) - (eps / V) sum_j u_j log p_j + z_loss lse^2 (u = w, or ones); mean: the first
+    part / sum of w[y], the z part / count (num_items_in_batch replaces both)."""
+    target = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], 1)
+    valid = target != -100
+    z = logits.double()[valid]
+    y = target[valid]
+    logsm = torch.log_softmax(z, -1)
+    lp = logsm.gather(-1, y[:, None])[:, 0]
+    u = torch.ones(z.shape[-1], dtype=torch.float64) if cw is None else cw.double()
+    w = u[y]
+    obj = (1 - eps) * w * per_token(lp) - (eps / z.shape[-1]) * (logsm * u).sum(-1)
+    zt = z_loss * torch.logsumexp(z, -1) ** 2
+    if num_items is not None:
+        return (obj.sum() + zt.sum()) / num_items
+    return obj.sum() / w.sum() + zt.sum() / valid.sum()
+
+
+@pytest.mark.parametrize("objective,terms,num_items", [
+    ("nll", dict(z_loss=1e-2, label_smoothing=0.1, class_weight=True), None),
+    ("nll", dict(label_smoothing=0.2, class_weight=True), 23),
+    ("neg_p", dict(z_loss=1e-3, label_smoothing=0.1), None),
+], ids=["nll-all-terms", "nll-smooth-weight-num-items", "neg_p-z-smooth"])
+def test_loss_terms_match_float64_truth_from_the_unpatched_logits(objective, terms, num_items):
+    m = tiny()
+    inputs = batch(B=3, T=9)
+    terms = dict(terms)
+    if terms.get("class_weight"):
+        terms["class_weight"] = 0.25 + 2 * torch.rand(V, generator=torch.Generator().manual_seed(7))
+    f = {"nll": lambda lp: -lp, "neg_p": lambda lp: -torch.expm1(lp)}[objective]
+    extra = {} if num_items is None else {"num_items_in_batch": torch.tensor(num_items)}
+    # the truth: float64 from the unpatched model's logits, differentiated through the model
+    logits = m(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+    want = terms_truth64(logits, inputs["labels"], f, terms.get("z_loss", 0.0), terms.get("label_smoothing", 0.0),
+                         terms.get("class_weight"), num_items)
+    if objective == "nll":  # the truth is torch's own weighted, smoothed cross-entropy (plus the z-loss)
+        target = torch.cat([inputs["labels"][:, 1:], torch.full_like(inputs["labels"][:, :1], -100)], 1)
+        cw = terms.get("class_weight")
+        ce = torch.nn.functional.cross_entropy(
+            logits.double().flatten(0, 1), target.flatten(), weight=None if cw is None else cw.double(),
+            label_smoothing=terms["label_smoothing"], reduction="sum" if num_items else "mean")
+        zs = terms.get("z_loss", 0.0) * torch.logsumexp(logits.double(), -1)[target != -100].pow(2)
+        ce = ce / num_items + zs.sum() / num_items if num_items else ce + zs.mean()
+        torch.testing.assert_close(want, ce, rtol=1e-12, atol=1e-12)
+    m.zero_grad(set_to_none=True)
+    want.backward()
+    g_want = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    fo.patch_model(m, objective=objective, **terms)
+    out, g_got = loss_and_grads(m, {**inputs, **extra})
+    assert out.logits is None
+    torch.testing.assert_close(out.loss.double(), want.detach(), rtol=1e-5, atol=1e-6)
+    assert_grads_close(g_want, g_got, rtol=1e-4)
+    # without the terms the loss is another number (the terms are not dropped anywhere)
+    fo.patch_model(m, objective=objective)
+    assert abs(m(**inputs, **extra).loss.item() - out.loss.item()) > 1e-4
+    # TRL's fused-head protocol reduces to the same loss (class weights: their weighted mean)
+    fo.patch_model(m, objective=objective, **terms)
+    trl = m(**inputs, **extra, fused_lm_head=True)
+    denom = num_items if num_items is not None else trl.label_mask.sum()
+    torch.testing.assert_close((-trl.log_probs.sum() / denom).double(), want.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(trl.loss.double(), want.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_loss_terms_kept_by_patched_set_objective_and_repatch():
+    m = tiny()
+    inputs = batch()
+    cw = torch.linspace(0.5, 1.5, V)
+    fo.patch_model(m, objective="nll", label_smoothing=0.1, class_weight=cw, z_loss=1e-3)
+    with_terms = m(**inputs).loss
+    fo.set_objective(m, "nll")  # changes the objective only
+    torch.testing.assert_close(m(**inputs).loss, with_terms)
+    with fo.patched(m, objective="nll"):
+        plain = m(**inputs).loss
+        assert abs(plain.item() - with_terms.item()) > 1e-4
+    torch.testing.assert_close(m(**inputs).loss, with_terms)
+    fo.unpatch_model(m)
+
+
+def test_class_weight_must_fit_the_head_at_patch_time():
+    m = tiny()
+    with pytest.raises(ValueError, match=r"class_weight must have shape \[V\] = \(64,\)"):
+        fo.patch_model(m, objective="nll", class_weight=torch.ones(V + 1))
+    assert "_fused_objectives_patch" not in m.__dict__

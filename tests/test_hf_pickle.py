@@ -114,3 +114,21 @@ def test_deepcopy_and_pickle_agree():
         b = pickle.loads(pickle.dumps(model))(**inputs).loss.item()
         c = model(**inputs).loss.item()
     assert a == b == c
+
+
+@pytest.mark.parametrize("reload", round_trips(), ids=["pickle", "torch.save"])
+def test_loss_terms_survive_a_round_trip(reload):
+    """z_loss / label_smoothing / class_weight are patch options like the others: a reloaded or copied model
+    computes the same loss, and the reloaded copy's options carry the weights."""
+    inputs = batch()
+    cw = torch.linspace(0.5, 2.0, V)
+    model = fo.patch_model(tiny(), objective="nll", z_loss=1e-2, label_smoothing=0.1, class_weight=cw)
+    with torch.no_grad():
+        want = model(**inputs).loss.item()
+        plain = fo.patch_model(copy.deepcopy(model), objective="nll")(**inputs).loss.item()
+    assert abs(want - plain) > 1e-4
+    for other in (reload(model), copy.deepcopy(model)):
+        with torch.no_grad():
+            assert other(**inputs).loss.item() == pytest.approx(want, rel=1e-6)
+        opts = other._fused_objectives_patch.options
+        assert (opts.z_loss, opts.label_smoothing) == (1e-2, 0.1) and torch.equal(opts.class_weight, cw)

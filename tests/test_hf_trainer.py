@@ -1,4 +1,5 @@
 """Patched models under gradient accumulation, transformers.Trainer, TRL's SFTTrainer and PEFT LoRA (CPU)."""
+import math
 import warnings
 
 import pytest
@@ -196,6 +197,9 @@ def test_trl_sft_trainer_trains_with_the_objective(tmp_path, patch_how):
         trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 4 and all(0.0 <= x <= 1.0 for x in losses)  # 1 - p lies in [0, 1]
+    # TRL's entropy metric is the softmax entropy from the fused pass: finite, within (0, log V]
+    entropies = [h["entropy"] for h in trainer.state.log_history if "entropy" in h]
+    assert len(entropies) == 4 and all(0.0 < e <= math.log(V) + 1e-6 for e in entropies), entropies
     assert not torch.equal(before, m.lm_head.weight)
 
 
@@ -402,3 +406,25 @@ def test_trl_loss_types_that_transform_log_probs_are_refused(tmp_path):
     valid = target != -100
     lp = torch.log_softmax(logits, -1).gather(-1, target.clamp(min=0)[..., None])[..., 0][valid]
     torch.testing.assert_close(loss.detach().double(), (-lp * lp.exp()).mean(), rtol=1e-5, atol=1e-7)
+
+
+def test_patch_label_smoothing_trains_like_trainer_label_smoothing_factor(tmp_path):
+    """The fix the refusal names: patch_model(nll, label_smoothing=eps) with label_smoothing_factor=0 takes the
+    same SGD step (4 accumulated micro-batches, num_items_in_batch) as the unpatched Trainer's label smoother."""
+    ids, labels = examples()
+    runs = {}
+    for how in ("trainer", "patch"):
+        m = tiny()
+        if how == "patch":
+            fo.patch_model(m, objective="nll", label_smoothing=0.1)
+        args = _args(tmp_path, label_smoothing_factor=0.1 if how == "trainer" else 0.0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            transformers.Trainer(model=m, args=args, train_dataset=_ListDataset(ids, labels)).train()
+        runs[how] = {n: p.detach().clone() for n, p in m.named_parameters()}
+    moved = 0.0
+    start = {n: p.detach() for n, p in tiny().named_parameters()}
+    for n in runs["trainer"]:
+        torch.testing.assert_close(runs["patch"][n], runs["trainer"][n], rtol=1e-5, atol=1e-6, msg=n)
+        moved = max(moved, (runs["trainer"][n] - start[n]).abs().max().item())
+    assert moved > 1e-3

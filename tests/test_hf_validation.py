@@ -24,7 +24,13 @@ def llama():
     (dict(eval_objective="neg_q"), ValueError, ["'neg_q'"]),
     (dict(ignore_index=2 ** 70), ValueError, ["ignore_index", "int64"]),
     (dict(normalize="tokens"), ValueError, ["normalize"]),
-], ids=["backend", "objective", "eval_objective", "ignore_index", "normalize"])
+    (dict(z_loss=-1e-4), ValueError, ["z_loss", "-0.0001"]),
+    (dict(label_smoothing=1.5), ValueError, ["label_smoothing", "1.5"]),
+    (dict(class_weight=[1.0, 2.0]), TypeError, ["class_weight", "list"]),
+    (dict(class_weight="ones"), TypeError, ["class_weight"]),
+    (dict(eval_predictions="probs"), ValueError, ["eval_predictions", "'probs'"]),
+], ids=["backend", "objective", "eval_objective", "ignore_index", "normalize", "z_loss", "label_smoothing",
+        "class_weight-list", "class_weight-str", "eval_predictions"])
 def test_bad_options_fail_at_patch_time(llama, options, error, words):
     model, _ = llama
     with pytest.raises(error) as e:
