@@ -17,7 +17,7 @@ from .autograd import ObjectiveSumFunction, TargetLogprobFunction, dot_vector, o
 from .autograd import _dot_sum
 from .backends import REFERENCE, check_backend_name, reference, resolve_backend
 from .objectives import Objective, get_objective
-from .options import LogitOptions, LossTerms
+from .options import LogitOptions, LossTerms, checked_class_weight
 
 __all__ = ["linear_objective_loss", "target_logprob", "LossStats", "validate_options"]
 
@@ -390,6 +390,8 @@ def linear_objective_loss(
                            normalize=normalize, shift=shift, softcap=softcap, logit_scale=logit_scale,
                            backend=backend, return_stats=return_stats, z_loss=z_loss,
                            label_smoothing=label_smoothing, class_weight=class_weight)
+    if class_weight is not None and class_weight.device.type == "cpu":
+        class_weight = checked_class_weight(class_weight)  # the value check, also inside a compiled graph
     terms = LossTerms(z_loss=z_loss, label_smoothing=label_smoothing, class_weight=class_weight)
     if num_items_in_batch is not None and reduction != "mean":
         raise ValueError(f"num_items_in_batch is the denominator of reduction='mean'; "

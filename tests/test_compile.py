@@ -233,3 +233,38 @@ def test_constant_marker_is_dynamos():
 
     marked = torch._dynamo.assume_constant_result(f)
     assert marked is f and set(vars(f)) == {"_dynamo_marked_constant"} and f._dynamo_marked_constant is True
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_fullgraph_with_loss_terms(backend):
+    """z_loss, label smoothing and class weights trace into the same graph (the row sums lse and
+    u.z are outputs of the same operator) and equal eager and the float64 truth."""
+    import truth as T
+
+    torch._dynamo.reset()
+    h, w, b, t = inputs(bias=True)
+    cw = torch.rand(w.shape[0], generator=torch.Generator().manual_seed(4)) + 0.25
+    kw = dict(objective="nll", z_loss=1e-2, label_smoothing=0.1, class_weight=cw, backend=backend)
+
+    def loss_fn(h, w, b, t):
+        return fo.linear_objective_loss(h, w, t, b, **kw)
+
+    one = torch.tensor(1.0)
+    compiled = grads_of(torch.compile(loss_fn, fullgraph=True), h, w, b, t, one)
+    eager = grads_of(loss_fn, h, w, b, t, one)
+    exact = T.truth(h, w, t, b, objective="nll", z_loss=1e-2, label_smoothing=0.1, class_weight=cw)
+    for c, e, x in zip(compiled, eager, (exact["loss"], exact["dh"], exact["dw"], exact["db"])):
+        torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(c.double(), x, rtol=1e-4, atol=1e-6)
+
+
+def test_class_weight_check_raises_inside_compiled_graph():
+    torch._dynamo.reset()
+    h, w, b, t = inputs()
+    fn = torch.compile(lambda h, w, t, cw: fo.linear_objective_loss(h, w, t, class_weight=cw, backend="reference"),
+                       fullgraph=True)
+    cw = torch.ones(w.shape[0])
+    fn(h, w, t, cw)  # compiles
+    cw[7] = -0.5
+    with pytest.raises(ValueError, match=r"class_weight must be finite and >= 0, got -0.5 at index 7"):
+        fn(h, w, t, cw)
