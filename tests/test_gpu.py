@@ -229,3 +229,88 @@ def test_chunked_fp32_logits_mode(monkeypatch, reduction):
     h, w, t, b = make_inputs(N=400, H=256, V=4099, dtype=torch.bfloat16, bias=True, peaked=6.0)
     up = torch.randn(400) if reduction == "none" else None
     check_cuda("triton_chunked", h, w, t, b, objective="neg_p", reduction=reduction, upstream=up, k=1.0)
+
+
+# ---------------------------------------------------------------- backend contract v2 on CUDA
+# The z-loss / label-smoothing / class-weight terms at the backend level: forward rows (lse, entropy,
+# dotz = sum_j u_j z_j) and the gradients of sum_i c_i logp_i + b_i lse_i + g_i dotz_i, compiled at
+# the real tile sizes (bf16 tensor cores, the 64-row HAS_DOT forward, the HAS_B / HAS_DOT backward),
+# against float64 on CPU copies; the gradients' bound is the same-dtype eager error (as check_cuda).
+
+def _terms_truth(h, w, b, t, softcap, u, coef, dtype=None):
+    """(logp, lse, entropy, dotz) and (dx, dw, db) of the coefficient loss: float64 when ``dtype`` is
+    None, else eager in ``dtype`` (logits in that dtype, the rest in fp32) on the inputs' device."""
+    cast = (lambda x: x.double()) if dtype is None else (lambda x: x.to(dtype))
+    hd, wd, bd = (cast(x).detach().requires_grad_() if x is not None else None for x in (h, w, b))
+    z = hd @ wd.T
+    if bd is not None:
+        z = z + bd
+    z = z.double() if dtype is None else z.float()
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    lse = torch.logsumexp(z, dim=1)
+    logp = z.gather(1, t.clamp(min=0)[:, None])[:, 0] - lse
+    entropy = -(torch.softmax(z, 1) * torch.log_softmax(z, 1)).sum(1)
+    dotz = z @ u.to(z.dtype)
+    c = coef.to(z.dtype)
+    (c[0] * logp + c[1] * lse + (c[2] * dotz if c.shape[0] > 2 else 0)).sum().backward()
+    grads = tuple(x.grad if x is not None else None for x in (hd, wd, bd))
+    return (logp.detach(), lse.detach(), entropy.detach(), dotz.detach()), grads
+
+
+@pytest.mark.parametrize("backend", STRATEGIES)
+@pytest.mark.parametrize("terms", [2, 3], ids=["z-loss", "smoothing"])
+def test_coefficient_terms_against_float64(backend, terms):
+    from fused_objectives.backends import _FUSED
+    from fused_objectives.options import LogitOptions
+
+    h, w, t, b = make_inputs(N=517, H=320, V=5003, dtype=torch.bfloat16, bias=True, peaked=6.0)
+    N, V = t.shape[0], w.shape[0]
+    valid = t != -100
+    g = torch.Generator().manual_seed(1)
+    u = torch.rand(V, generator=g) + 0.5  # class weights
+    # z-loss-like b = 2 zl lse on valid tokens; smoothing-like c, b, g; all zero where ignored
+    coef = torch.randn(terms, N, generator=g) * valid
+    softcap = 30.0
+    opts = LogitOptions(softcap=softcap)
+    be = _FUSED[backend]
+    hc, wc, tc, bc, vc = cuda(h, w, t, b, valid)
+    dot = u.cuda() if terms == 3 else None
+    logp, state, argmax, rows = be.forward(hc, wc, bc, tc, vc, opts, row_stats=True, dot=dot)
+    rows64, grads64 = _terms_truth(h, w, b, t, softcap, u, coef)
+    # eager with bf16 logits: the chunked strategies' logits buffer is bf16 too
+    rows_eager, eager = _terms_truth(hc, wc, bc, tc, softcap, u.cuda(), coef.cuda(), dtype=torch.bfloat16)
+    names = ("logp", "lse", "entropy", "dotz")[: 4 if terms == 3 else 3]
+    for name, got, base, want in zip(names, (logp, rows[0], rows[1], rows[2]), rows_eager, rows64):
+        err = (got.cpu().double()[valid] - want[valid]).abs().max().item()
+        err_b = (base.cpu().double()[valid] - want[valid]).abs().max().item()
+        bound = 2 * err_b + 1e-5 * max(1.0, want[valid].abs().max().item())
+        assert err <= bound, f"[{backend}] {name}: error {err:.3e} > {bound:.3e} (eager {err_b:.3e})"
+    dx, dw, db = be.backward(hc, wc, bc, tc, state, coef.cuda(), opts, (True, True, True), dot=dot)
+    for name, got, base, want in zip(("dx", "dw", "db"), (dx, dw, db), eager, grads64):
+        assert got.dtype == torch.bfloat16, name
+        err = (got.double().cpu() - want).abs().max().item()
+        err_b = (base.double().cpu() - want).abs().max().item()
+        bound = 2 * err_b + 4 * torch.finfo(torch.bfloat16).eps * want.abs().max().item()
+        assert err <= bound, f"[{backend}] {name}: error {err:.3e} > {bound:.3e} (eager {err_b:.3e})"
+
+
+def test_fused_terms_backward_no_host_sync():
+    # the [3, N] coefficients' activity test (any row non-zero) stays on the device
+    from fused_objectives.backends import _FUSED
+    from fused_objectives.options import LogitOptions
+
+    h, w, t, _ = cuda(*make_inputs(N=256, H=128, V=2000, dtype=torch.bfloat16))
+    valid = t != -100
+    u = torch.rand(2000, device="cuda")
+    coef = torch.randn(3, 256, device="cuda") * valid
+    be = _FUSED["triton_fused"]
+    for _ in range(2):  # the first call compiles
+        torch.cuda.synchronize()
+        if _:
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            _, state, _, _ = be.forward(h, w, None, t, valid, LogitOptions(), dot=u)
+            be.backward(h, w, None, t, state, coef, LogitOptions(), (True, True, False), dot=u)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
