@@ -295,6 +295,7 @@ TRANSFORMS = ("bias", "scale", "softcap")
 # gradient's g u term (label smoothing), which comes with lse_coef (coef [3, N] = c, b, g).
 OPTIONAL = {"entropy": "ENTROPY", "lse_coef": "HAS_B", "dot": "HAS_DOT"}
 GRAD_SWITCHES = ("dx", "dw", "db")  # the backward's outputs (subset "full" samples their combinations)
+TERM_SWITCHES = ("lse_coef", "dot")  # the coefficient terms (subset "full" samples them, see feature_sets)
 ROW_FEATURES = TRANSFORMS + ("fp32_logits",)
 # Row kernels have no tl.dot: the TF32 setting cannot change them, one fp32 entry covers both.
 NO_DOT_DTYPES = ("bf16", "fp16", "fp32-ieee")
@@ -515,9 +516,11 @@ def feature_sets(entry: KernelEntry, subset: str) -> List[Dict[str, bool]]:
     """The feature combinations compiled for ``subset``:
 
     - ``all``: every combination (the cross product);
-    - ``full``: every combination of the other switches (logit transforms, fp32 logits) with the
-      gradient switches (dx, dw, db) all on (as many as valid), plus every combination of the gradient
-      switches with the others all off and all on (backward: 16 instead of 40 per dtype and arch);
+    - ``full``: every combination of the other switches (logit transforms, fp32 logits, entropy) with
+      the gradient switches (dx, dw, db) all on (as many as valid), plus every combination of the
+      gradient switches with the others all off and all on (backward: 16 instead of 40 per dtype and
+      arch); the coefficient terms (``TERM_SWITCHES``: lse_coef, dot) on only with the other switches
+      all off or all on and the gradient switches at their most;
     - ``smoke``: the entry's ``smoke`` sets (default: everything off), the test's subset.
     """
     names = entry.all_features()
@@ -528,15 +531,34 @@ def feature_sets(entry: KernelEntry, subset: str) -> List[Dict[str, bool]]:
         return [f for i, f in enumerate(sets) if f not in sets[:i]]
     combos = [dict(zip(names, bits)) for bits in itertools.product((False, True), repeat=len(names))]
     combos = [f for f in combos if entry.valid(f) and _terms_valid(f)]
-    grads = [k for k in names if k in GRAD_SWITCHES]
-    if subset == "all" or not grads:
+    if subset == "all":
         return combos
+    # the coefficient terms (lse_coef, dot) only with the other switches all off or all on, and the
+    # gradient switches at their most (what the terms change is the epilogue's register pressure)
+    terms = [k for k in names if k in TERM_SWITCHES]
+    if terms:
+        rest = [k for k in names if k not in TERM_SWITCHES and k not in GRAD_SWITCHES]
+        base = [f for f in combos if not any(f[k] for k in terms)]
+        extra = [f for f in combos if any(f[k] for k in terms) and
+                 (all(f[k] for k in rest) or not any(f[k] for k in rest))]
+        names = [k for k in names if k not in TERM_SWITCHES]
+        combos = base
+    else:
+        extra = []
+    grads = [k for k in names if k in GRAD_SWITCHES]
+    if not grads:
+        return combos + extra
     keep = []
     for f in combos:
         transforms = [f[k] for k in names if k not in GRAD_SWITCHES]
         most = max(sum(g[k] for k in grads) for g in combos
                    if all(g[k] == f[k] for k in names if k not in GRAD_SWITCHES))
         if sum(f[k] for k in grads) == most or all(transforms) or not any(transforms):
+            keep.append(f)
+    for f in extra:
+        most = max(sum(g[k] for k in grads) for g in extra
+                   if all(g[k] == f[k] for k in f if k not in GRAD_SWITCHES))
+        if sum(f[k] for k in grads) == most:
             keep.append(f)
     return keep
 
