@@ -272,6 +272,80 @@ def _case_refusals(rank, mesh):
     return out
 
 
+# ----------------------------------------------------------------------------- a patched HF model
+def _tiny_llama():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model("llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, head_dim=8, vocab_size=63,
+                               tie_word_embeddings=False)  # 63 rows: uneven shards
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg)
+
+
+def _llama_batch():
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 63, (2, 8), generator=g)
+    labels = ids.clone()
+    labels[:, :3] = -100
+    labels[1, 6] = -100
+    return ids, labels, (labels[:, 1:] != -100).sum()
+
+
+def _llama_reference(objective):
+    """The unpatched, unsharded model on the whole batch, its objective computed from its own logits in
+    float64 (independent of the patch): ``(model with gradients, loss)``."""
+    ids, labels, n_items = _llama_batch()
+    ref = _tiny_llama()
+    logits = ref(input_ids=ids).logits
+    target = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], 1)
+    valid = target != -100
+    lp = torch.log_softmax(logits.double(), -1).gather(-1, target.clamp(min=0)[..., None])[..., 0][valid]
+    per = {"nll": -lp, "neg_p": -torch.expm1(lp)}[objective]
+    loss = per.sum() / n_items
+    loss.backward()
+    return ref, loss.detach().float()
+
+
+def _grad_pairs(model, ref, scale=1.0):
+    out = {}
+    for (name, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+        g = p.grad.full_tensor() if is_dtensor(p.grad) else p.grad
+        out[f"grad {name}"] = (g * scale, q.grad)
+    return out
+
+
+def _case_llama_tp(rank, mesh):
+    """A patched tiny Llama whose lm_head is ColwiseParallel (output Shard(-1), DTensor or local output):
+    every rank runs the whole batch; loss and every gradient equal the unsharded model's."""
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return "skip: transformers is not installed"
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    import fused_objectives as fo
+
+    ids, labels, n_items = _llama_batch()
+    res = {}
+    for objective, local_output in (("neg_p", False), ("nll", True)):
+        ref, ref_loss = _llama_reference(objective)
+        m = _tiny_llama()
+        parallelize_module(m, mesh, {"lm_head": ColwiseParallel(output_layouts=Shard(-1),
+                                                                use_local_output=local_output)})
+        fo.patch_model(m, objective=objective, backend=_LLAMA_BACKEND)
+        loss = m(input_ids=ids, labels=labels, num_items_in_batch=n_items).loss
+        loss.backward()
+        pairs = {"loss": (loss.detach(), ref_loss)}
+        pairs.update(_grad_pairs(m, ref))
+        res[f"{objective} local_output={local_output}"] = pairs
+    return res
+
+
+_LLAMA_BACKEND = "reference"
+
+
 CASES = {name[6:]: fn for name, fn in dict(globals()).items() if name.startswith("_case_")}
 
 
@@ -296,15 +370,18 @@ def _worker(rank, port, out, names):
         dist.destroy_process_group()
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="module")
 def _results(tmp_path_factory):
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = str(tmp_path_factory.mktemp("vocab_parallel") / "results.pt")
-    mp.spawn(_worker, args=(port, out, list(CASES)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(_free_port(), out, list(CASES)), nprocs=WORLD, join=True)
     return torch.load(out)
 
 
@@ -338,6 +415,109 @@ def test_unsupported_layouts_are_refused(_results):
     assert "exactly one mesh dimension" in got["Replicate weight"]
     assert "hidden is a DTensor" in got["sharded hidden"] and "Replicate" in got["sharded hidden"]
     assert "bias is a plain tensor" in got["plain bias"]
+
+
+def test_patched_llama_colwise_parallel_head_equals_unsharded(_results):
+    got = _results["llama_tp"]
+    if isinstance(got, str) and got.startswith("skip:"):
+        pytest.skip(got[5:])
+    assert isinstance(got, dict), got
+    for name, pairs in got.items():
+        _check(pairs, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- 2-D mesh (4 ranks)
+MESH_2D = (2, 2)  # (dp, tp)
+
+
+def _case2d_functional(rank, mesh):
+    """Weight (Replicate, Shard(0)) on the (dp, tp) mesh: sharded over the tp dimension only."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    from fused_objectives import linear_objective_loss
+
+    hid, w, b, t, _, _ = _inputs(10, 6, 11, seed=8)
+    kw = dict(objective="neg_p", softcap=5.0, z_loss=1e-2, label_smoothing=0.1, return_stats=True)
+    h0, w0, b0 = (x.clone().requires_grad_() for x in (hid, w, b))
+    loss0, st0 = linear_objective_loss(h0, w0, t, b0, backend="reference", **kw)
+    loss0.backward()
+    h1 = hid.clone().requires_grad_()
+    w1 = distribute_tensor(w, mesh, [Replicate(), Shard(0)]).requires_grad_()
+    b1 = distribute_tensor(b, mesh, [Replicate(), Shard(0)]).requires_grad_()
+    loss1, st1 = linear_objective_loss(h1, w1, t, b1, backend="reference", **kw)
+    loss1.backward()
+    return {"loss": (loss1, loss0), "d hidden": (h1.grad, h0.grad), "d weight": (w1.grad.full_tensor(), w0.grad),
+            "d bias": (b1.grad.full_tensor(), b0.grad), "entropy": (st1.entropy, st0.entropy),
+            "predicted": (st1.predicted, st0.predicted)}
+
+
+def _case2d_llama_fsdp_tp(rank, mesh):
+    """FSDP2 over dp (each dp rank its half of the batch) x ColwiseParallel lm_head over tp."""
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return "skip: transformers is not installed"
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    import fused_objectives as fo
+
+    ids, labels, n_items = _llama_batch()
+    ref, ref_loss = _llama_reference("neg_p")
+    m = _tiny_llama()
+    parallelize_module(m, mesh["tp"], {"lm_head": ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)})
+    for layer in m.model.layers:
+        fully_shard(layer, mesh=mesh["dp"])
+    fully_shard(m, mesh=mesh["dp"])
+    fo.patch_model(m, objective="neg_p", backend=_LLAMA_BACKEND)
+    dp = mesh["dp"].get_local_rank()
+    loss = m(input_ids=ids[dp:dp + 1], labels=labels[dp:dp + 1], num_items_in_batch=n_items).loss
+    loss.backward()
+    total = loss.detach().clone()
+    dist.all_reduce(total, group=mesh["dp"].get_group())
+    pairs = {"loss": (total, ref_loss)}
+    pairs.update(_grad_pairs(m, ref, scale=MESH_2D[0]))  # FSDP averages the gradients over dp
+    return pairs
+
+
+CASES_2D = {name[8:]: fn for name, fn in dict(globals()).items() if name.startswith("_case2d_")}
+
+
+def _worker2d(rank, port, out):
+    from datetime import timedelta
+
+    from torch.distributed.device_mesh import init_device_mesh
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=MESH_2D[0] * MESH_2D[1], timeout=timedelta(seconds=90))
+    torch.set_num_threads(1)
+    try:
+        mesh = init_device_mesh("cpu", MESH_2D, mesh_dim_names=("dp", "tp"))
+        results = {}
+        for name, fn in CASES_2D.items():
+            try:
+                results[name] = fn(rank, mesh)
+            except Exception:
+                results[name] = traceback.format_exc()
+        if rank == 0:
+            torch.save(results, out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_dimensional_mesh_fsdp2_x_tp(tmp_path):
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "results2d.pt")
+    mp.spawn(_worker2d, args=(_free_port(), out), nprocs=MESH_2D[0] * MESH_2D[1], join=True)
+    results = torch.load(out)
+    _check(results["functional"], rtol=2e-5, atol=2e-6)
+    got = results["llama_fsdp_tp"]
+    if isinstance(got, str) and got.startswith("skip:"):
+        pytest.skip(got[5:])
+    _check(got, rtol=1e-5, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- single process
