@@ -786,3 +786,32 @@ def test_v2_triton_chooser_hands_dot_and_coefficients_on(monkeypatch, H, strateg
         torch.testing.assert_close(g[valid].double(), want[name][valid], rtol=1e-5, atol=1e-5)
     for name, g in zip(("dh", "dw", "db"), got):
         torch.testing.assert_close(g.double(), want[name], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_sync_free_mode_with_loss_terms(monkeypatch, reduction):
+    # label smoothing, class weights (and a z-loss): [3, N] coefficients and a dot vector add no host
+    # read in sync-free mode, and both modes equal the float64 definitions (tests/truth.py)
+    import truth as T
+
+    h, w, t, b = make_inputs(N=24, H=16, V=90, bias=True, peaked=4.0, ignore_frac=0.4)
+    h[t == -100] = float("nan")
+    cw = 0.5 + torch.rand(90)
+    up = torch.randn(24) if reduction == "none" else None
+    # (a mean with class weights AND a z-loss takes the per-token path: two denominators)
+    terms = dict(z_loss=0.01 if reduction == "none" else 0.0, label_smoothing=0.1, class_weight=cw)
+    ops = _record_backend_ops(monkeypatch)
+    got = {}
+    for mode in (False, True):
+        ops.clear()
+        monkeypatch.setattr(triton_chunked, "SYNC_FREE", mode)
+        got[mode] = fused("triton_chunked", h, w, t, b, objective="nll", reduction=reduction, upstream=up, **terms)
+        if mode:
+            assert not SYNCING & set(ops), SYNCING & set(ops)
+        else:
+            assert ops.count("nonzero") == (1 if reduction == "mean" else 2)
+    clean = torch.where((t != -100)[:, None], h, torch.zeros(()))
+    want = T.truth(clean, w, t, b, objective="nll", reduction=reduction, upstream=up, **terms)
+    for mode in (False, True):
+        for key in ("loss", "dh", "dw", "db"):
+            torch.testing.assert_close(got[mode][key].double(), want[key], rtol=1e-4, atol=1e-6)
