@@ -27,7 +27,10 @@ measures both** (nothing here has run on a GPU yet):
   (``backend="triton_fused"``) and is the strategy with no workspace beyond the gradients.
 
 The choice depends only on shapes and dtype, so the forward and the backward of one call always
-take the same strategy.  After a GPU run, the constants (or the rule) are replaced by measurements.
+take the same strategy.  Both strategies implement backend contract v2 (per-token coefficients
+``(c, b, g)`` on ``(logp, lse, dotz)``, backends/__init__.py): z-loss, label smoothing and class
+weights add per-logit epilogue arithmetic and one ``[V]`` vector read, no GEMM work, so they leave
+the choice as it is; the chooser hands ``row_stats``, ``dot`` and the coefficients through.  After a GPU run, the constants (or the rule) are replaced by measurements.
 """
 from __future__ import annotations
 
