@@ -190,7 +190,12 @@ FUNCTIONAL = {
     "triton_fused_nll": ("triton_fused", dict(objective="nll", return_stats=True)),
     "triton_fused_terms": ("triton_fused", dict(objective="neg_p", reduction="sum", label_smoothing=0.1,
                                                 class_weight=True, z_loss=1e-2, softcap=4.0)),
+    "cpu_gated_stats": ("cpu", dict(objective="nll_top:0.1", return_stats=True, logit_scale=1.3)),
+    "cpu_terms_none": ("cpu", dict(reduction="none", z_loss=1e-2, label_smoothing=0.1, class_weight=True)),
+    "cpu_bf16": ("cpu", dict(objective="neg_p", dtype=torch.bfloat16, z_loss=1e-3)),
 }
+# bf16: both sides round the same bf16 GEMM inputs; the sharded dX adds the ranks' bf16 partials
+TOLERANCE = {"cpu_bf16": dict(rtol=2e-2, atol=2e-3)}
 
 
 def _functional(mesh, backend, kw):
@@ -203,7 +208,7 @@ def _functional(mesh, backend, kw):
     kw = dict(kw)
     use_bias, hidden_dt = kw.pop("bias", True), kw.pop("hidden_dtensor", False)
     n, h, v = 12, 6, 9  # 9 rows: 5 + 4
-    hid, w, b, t, valid, _ = _inputs(n, h, v, seed=5)
+    hid, w, b, t, valid, _ = _inputs(n, h, v, seed=5, dtype=kw.pop("dtype", torch.float32))
     g = torch.Generator().manual_seed(6)
     if kw.get("class_weight") is True:
         kw["class_weight"] = torch.rand(v, generator=g) + 0.5
@@ -329,21 +334,18 @@ def _case_llama_tp(rank, mesh):
 
     ids, labels, n_items = _llama_batch()
     res = {}
-    for objective, local_output in (("neg_p", False), ("nll", True)):
+    for objective, local_output, backend in (("neg_p", False, "reference"), ("nll", True, "auto")):
         ref, ref_loss = _llama_reference(objective)
         m = _tiny_llama()
         parallelize_module(m, mesh, {"lm_head": ColwiseParallel(output_layouts=Shard(-1),
                                                                 use_local_output=local_output)})
-        fo.patch_model(m, objective=objective, backend=_LLAMA_BACKEND)
+        fo.patch_model(m, objective=objective, backend=backend)
         loss = m(input_ids=ids, labels=labels, num_items_in_batch=n_items).loss
         loss.backward()
         pairs = {"loss": (loss.detach(), ref_loss)}
         pairs.update(_grad_pairs(m, ref))
-        res[f"{objective} local_output={local_output}"] = pairs
+        res[f"{objective} local_output={local_output} backend={backend}"] = pairs
     return res
-
-
-_LLAMA_BACKEND = "reference"
 
 
 CASES = {name[6:]: fn for name, fn in dict(globals()).items() if name.startswith("_case_")}
@@ -403,7 +405,7 @@ def test_wrapper_keeps_confident_tokens_accurate(_results):
 
 @pytest.mark.parametrize("name", list(FUNCTIONAL))
 def test_functional_sharded_weight_equals_unsharded(_results, name):
-    _check(_results["functional"][name], rtol=2e-5, atol=2e-6)
+    _check(_results["functional"][name], **TOLERANCE.get(name, dict(rtol=2e-5, atol=2e-6)))
 
 
 def test_unsupported_layouts_are_refused(_results):
@@ -470,7 +472,7 @@ def _case2d_llama_fsdp_tp(rank, mesh):
     for layer in m.model.layers:
         fully_shard(layer, mesh=mesh["dp"])
     fully_shard(m, mesh=mesh["dp"])
-    fo.patch_model(m, objective="neg_p", backend=_LLAMA_BACKEND)
+    fo.patch_model(m, objective="neg_p")  # backend "auto": the C++ cpu backend on each shard
     dp = mesh["dp"].get_local_rank()
     loss = m(input_ids=ids[dp:dp + 1], labels=labels[dp:dp + 1], num_items_in_batch=n_items).loss
     loss.backward()
