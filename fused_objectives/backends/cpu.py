@@ -10,6 +10,14 @@ virtual environment with the same torch, loads the cached library without a comp
 first uses are serialised by a file lock (one builds, the others wait and load); while building, one
 line goes to stderr (silenced by ``FUSED_OBJECTIVES_QUIET=1``).
 
+Backend contract v2 (z-loss, label smoothing, class weights): ``forward`` returns ``rows [3, N] =
+(lse, entropy, dotz)``, the entropy only with ``row_stats`` and ``dotz = sum_j dot_j z_j`` only with a
+``dot`` vector (each is one more per-row accumulator in the epilogue, skipped when not asked);
+``backward`` takes ``coef`` ``[N]`` (c), ``[2, N]`` (c, b) or ``[3, N]`` (c, b, g) and forms
+``dz = c (onehot - p) + b p + g dot`` (times the transforms' derivative), with ``1 - p`` at the
+target from the forward's ``logp``.  ``b`` folds into the factor on ``p`` and ``g dot`` is a
+compile-time branch, so the classic call (``coef [N]``) runs the loop it always ran.
+
 GEMM dtype: bf16 / fp16 inputs use GEMMs in their own dtype (oneDNN; fp32 accumulation inside,
 fp32 row statistics and epilogue) where that is faster than fp32 GEMMs on this CPU, measured once
 per process and dtype with a tiny timing (``half_gemm``); elsewhere (e.g. fp16 on CPUs without
