@@ -673,3 +673,31 @@ def test_v2_bad_coefficients_and_dot_are_clear_errors(coef_shape, dot, match):
     d = {None: None, "ok": good_dot, "short": good_dot[:-1]}[dot]
     with pytest.raises(RuntimeError, match=match):
         be.backward(h, w, b, t, state, torch.zeros(coef_shape), LogitOptions(), (True, True, False), dot=d)
+
+
+@pytest.mark.parametrize("path", ["per-token", "scalar"])
+def test_v2_confident_token_target_gradient_accurate_with_lse_term(path):
+    # 1 - p = 1e-7 at the target, coefficients c = -1, b = 3e-7: the target column's gradient is
+    # c (1 - p) + b p ~ 2e-7, which 1 - p formed as 1 - exp(logp) in fp32 (or b - c folded into the
+    # target) gets wrong by its whole size; the epilogue takes 1 - p = -expm1(logp)
+    V, N = 5, 6
+    w = torch.zeros(V, 1)
+    w[1:, 0] = float(torch.log(torch.tensor(1e-7 / (V - 1), dtype=torch.float64)))
+    h = torch.ones(N, 1)
+    t = torch.zeros(N, dtype=torch.long)
+    valid = torch.ones(N, dtype=torch.bool)
+    coef = torch.stack([torch.full((N,), -1.0), torch.full((N,), 3e-7)])
+    be = resolve_backend("cpu", torch.device("cpu"))
+    opts = LogitOptions()
+    if path == "per-token":
+        _, state, _, _ = be.forward(h, w, None, t, valid, opts)
+        _, dw, _ = be.backward(h, w, None, t, state, coef, opts, (True, True, False))
+    else:
+        out = be.forward_with_grad(h, w, None, t, valid, opts,
+                                   lambda lp, lse, dz, tt, vv: ((-lp + 3e-7 * lse).sum(), vv, coef[:, :lp.numel()]),
+                                   (True, True, False))
+        dw = out[5]
+    truth = _truth_v2(h, w, None, t, valid, opts, coef, torch.ones(V))
+    assert 1.1e-6 < truth["dw"][0, 0].item() < 1.3e-6  # 6 tokens x 2e-7
+    assert dw[0, 0].item() == pytest.approx(truth["dw"][0, 0].item(), rel=1e-4)
+    torch.testing.assert_close(dw.double(), truth["dw"], rtol=1e-4, atol=0)
