@@ -132,8 +132,10 @@ def test_fresh_process_per_provider(tmp_path):
     (["--hidden", "64"], "--vocab"),
     (["--preset", "llama3-8b", "--hidden", "8", "--vocab", "9"], "--preset"),
     (["--device", "cuda:0"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
+    (["--z-loss", "-1e-4"], "--z-loss"),
+    (["--label-smoothing", "1.5"], "--label-smoothing"),
 ], ids=["fraction", "provider", "objective", "tokens", "dtype", "preset", "hidden-alone", "preset-and-shape",
-        "device"])
+        "device", "z-loss", "label-smoothing"])
 def test_bad_arguments_name_the_flag(args, flag):
     with pytest.raises(SystemExit) as e:
         _main(["bench", *args])
@@ -389,3 +391,102 @@ def test_bench_rejects_a_provider_wrong_on_its_last_chunk(monkeypatch):
     assert recs and all(r["check_tokens"] == 600 for r in recs)  # every token checked
     assert all(r["status"] == "wrong" and r["speedup_vs_reference"] is None for r in recs), recs[0]
     assert recs[0]["err_loss"] > 0.1 and recs[0]["err_dx"] < 1e-5
+
+
+# ----------------------------------------------------------------------------- loss terms (issue 14)
+TERMS = dict(z_loss=2e-3, label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("objective,weighted", [("nll", True), ("nll_top:0.2", True), ("neg_p", False)])
+def test_gate_truth_with_loss_terms_matches_the_test_truth(objective, weighted):
+    """The gate's float64 truth with z-loss, label smoothing (and class weights) equals the tests' truth
+    (tests/truth.py, written from the definitions independently), loss and gradients, over many chunks."""
+    from truth import truth
+
+    inp = binputs.make_inputs(300, 16, 100, torch.float32, "cpu", 0.25)
+    cw = binputs.make_class_weight(100, "cpu") if weighted else None
+    gt = binputs.ground_truth(inp, objective, None, chunk_bytes=8 * 100 * 6 * 37, class_weight=cw, **TERMS)
+    want = truth(inp.hidden, inp.weight, inp.target, objective=objective, class_weight=cw, **TERMS)
+    for got, ref in ((gt.loss, want["loss"]), (gt.dx, want["dh"]), (gt.dw, want["dw"])):
+        torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-13)
+    plain = binputs.ground_truth(inp, objective, None)
+    assert abs(float(plain.loss - gt.loss)) > 1e-3  # the terms are in it
+
+
+def _terms_plan(providers, objective="nll", **terms):
+    return runner.Plan(shapes=[runner.Shape("custom", 96, 16, 130)], objectives=[objective], providers=providers,
+                       dtype="fp32", device="cpu", warmup=0, repeats=1, isolate=False, **terms)
+
+
+def test_bench_loss_terms_every_provider_correct_or_skipped_with_reason():
+    """--z-loss / --label-smoothing / --class-weight: this engine and the reference compute them and pass the
+    float64 gate that includes them; torch_native's chunked path has class weights for nll but no z-loss and
+    no label smoothing (skipped, saying so); the gate's self-test provider stays wrong."""
+    recs = runner.run(_terms_plan(["fused", "reference", "torch_native", "liger", "broken"], z_loss=2e-3,
+                                  label_smoothing=0.1, class_weight=True))
+    by = {r["provider"]: r for r in recs if r["pass"] == "fwd_bwd"}
+    assert by["fused"]["status"] == "ok" and by["reference"]["status"] == "ok", by["fused"]["reason"]
+    assert by["fused"]["z_loss"] == 2e-3 and by["fused"]["label_smoothing"] == 0.1 and by["fused"]["class_weight"]
+    assert by["torch_native"]["status"] == "skipped" and "z_loss" in by["torch_native"]["reason"]
+    assert by["liger"]["status"] == "skipped" and by["broken"]["status"] == "wrong"
+    assert "loss terms: z_loss=0.002, label_smoothing=0.1, class_weight" in report.table(recs, {})
+    # class weights alone: PyTorch's chunked F.linear_cross_entropy runs with weight=
+    recs = runner.run(_terms_plan(["torch_native"], class_weight=True))
+    native = [r for r in recs if r["provider"] == "torch_native"]
+    assert native and all(r["status"] == "ok" for r in native), native[0]["reason"]
+    # non-NLL objectives: a per-token cross-entropy with the terms is no longer -log p: skipped, saying why
+    recs = runner.run(_terms_plan(["fused", "torch_native"], objective="neg_p", label_smoothing=0.1))
+    by = {r["provider"]: r for r in recs if r["pass"] == "fwd_bwd"}
+    assert by["fused"]["status"] == "ok" and by["torch_native"]["status"] == "skipped"
+    assert "label_smoothing" in by["torch_native"]["reason"]
+    reason = all_providers()["torch_native"].unavailable_reason(torch.device("cpu"), torch.float32,
+                                                                _terms_plan([], class_weight=True).problem(
+                                                                    "neg_p", None, 130, "cpu"))
+    assert "not -log p" in reason
+
+
+@pytest.mark.parametrize("term", ["z_loss", "label_smoothing", "class_weight"])
+def test_gate_rejects_a_provider_that_drops_a_term(term):
+    inp = binputs.make_inputs(96, 16, 130, torch.float32, "cpu", 0.25)
+    plan = _terms_plan([], **{term: True if term == "class_weight" else TERMS[term]})
+    problem = plan.problem("nll", None, 130, "cpu")
+    gt = binputs.ground_truth(inp, "nll", None, **problem.term_kwargs())
+    tol = binputs.tolerance(torch.float32, 0.0, "cpu")
+    fused = all_providers()["fused"]
+    assert binputs.check(binputs.run_once(fused.build(torch.device("cpu"), torch.float32, problem), inp), gt, tol)[0]
+    dropped = runner.Problem("nll", None)
+    assert not binputs.check(binputs.run_once(fused.build(torch.device("cpu"), torch.float32, dropped), inp), gt,
+                             tol)[0]
+
+
+def test_liger_gets_the_terms_under_its_own_names(monkeypatch):
+    """Liger cannot run here (CUDA): a stand-in for its autograd function records what the provider passes
+    (ce_weight, lse_square_scale, label_smoothing, the mean reduction) and computes the reference's loss."""
+    import sys
+    import types
+
+    seen = {}
+
+    class FakeLigerFn:
+        @staticmethod
+        def apply(h, w, y, bias, ce_weight, ignore_index, lse_square_scale, label_smoothing, reduction, softcap):
+            seen.update(ce_weight=ce_weight, ignore_index=ignore_index, lse_square_scale=lse_square_scale,
+                        label_smoothing=label_smoothing, reduction=reduction, softcap=softcap)
+            return fo.linear_objective_loss(h, w, y, backend="reference", z_loss=lse_square_scale,
+                                            label_smoothing=label_smoothing, class_weight=ce_weight), None
+
+    module = types.ModuleType("liger_kernel.ops.fused_linear_cross_entropy")
+    module.LigerFusedLinearCrossEntropyFunction = FakeLigerFn
+    monkeypatch.setitem(sys.modules, "liger_kernel.ops.fused_linear_cross_entropy", module)
+    plan = _terms_plan([], z_loss=2e-3, label_smoothing=0.1, class_weight=True)
+    problem = plan.problem("nll", None, 130, "cpu")
+    inp = binputs.make_inputs(96, 16, 130, torch.float32, "cpu", 0.25)
+    res = binputs.run_once(all_providers()["liger"].build(torch.device("cpu"), torch.float32, problem), inp)
+    assert seen["lse_square_scale"] == 2e-3 and seen["label_smoothing"] == 0.1 and seen["reduction"] == "mean"
+    assert seen["ce_weight"] is problem.class_weight and seen["ignore_index"] == binputs.IGNORE_INDEX
+    gt = binputs.ground_truth(inp, "nll", None, **problem.term_kwargs())
+    assert binputs.check(res, gt, binputs.tolerance(torch.float32, 0.0, "cpu"))[0]
+    # an objective other than nll with a term: Liger is skipped, saying why (on CUDA; here CUDA is the reason)
+    reason = all_providers()["liger"].unavailable_reason(torch.device("cuda"), torch.float32,
+                                                         plan.problem("neg_p", None, 130, "cpu"))
+    assert reason is not None

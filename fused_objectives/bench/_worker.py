@@ -19,14 +19,19 @@ def main(argv=None) -> int:
         spec = json.load(f)
     from .inputs import DTYPES, Result, make_inputs
     from .measure import measure
-    from .providers import Problem, get_provider
+    from .providers import get_provider
+    from .runner import Plan
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     gt = Result(**torch.load(spec["gt_path"], map_location="cpu"))
     inp = make_inputs(spec["tokens"], spec["hidden"], spec["vocab"], DTYPES[spec["dtype"]], spec["device"],
                       spec["ignored_fraction"], spec["seed"])
-    m = measure(get_provider(spec["provider"]), Problem(spec["objective"], spec["softcap"]), inp,
+    plan = Plan(shapes=[], objectives=[], providers=[], dtype=spec["dtype"], device=spec["device"], seed=spec["seed"],
+                z_loss=spec.get("z_loss", 0.0), label_smoothing=spec.get("label_smoothing", 0.0),
+                class_weight=spec.get("class_weight", False))
+    problem = plan.problem(spec["objective"], spec["softcap"], spec["vocab"], spec["device"])
+    m = measure(get_provider(spec["provider"]), problem, inp,
                 inp.head(spec["check_tokens"]), gt, spec["tolerance"], spec["warmup"], spec["repeats"],
                 spec.get("max_seconds"))
     with open(out_path, "w") as f:

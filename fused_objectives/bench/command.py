@@ -23,7 +23,9 @@ broken (self-test of the correctness gate; never a default). Unavailable ones ar
 examples:
   fused-objectives bench
   fused-objectives bench --preset llama3-8b --tokens 4096 8192 --dtype bf16 --objective nll neg_p \\
-      --ignored-fraction 0 0.5 --json out.json --csv out.csv --plot out.png"""
+      --ignored-fraction 0 0.5 --json out.json --csv out.csv --plot out.png
+  fused-objectives bench --objective nll --z-loss 1e-4 --label-smoothing 0.1   (against Liger's
+      lse_square_scale / label_smoothing on CUDA; the float64 check includes both terms)"""
 
 
 def _positive_int(flag: str):
@@ -45,6 +47,26 @@ def _fraction(s: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {s!r}")
     if not 0.0 <= v < 1.0:
         raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {v}")
+    return v
+
+
+def _z_loss(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {s!r}")
+    if not (v >= 0 and v != float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {v}")
+    return v
+
+
+def _smoothing(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {s!r}")
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {v}")
     return v
 
 
@@ -83,6 +105,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--softcap", type=float, metavar="C", help="custom shape: logit soft-cap")
     g.add_argument("--objective", nargs="+", type=_objective, metavar="SPEC",
                    help="objective specs, e.g. nll neg_p power:10 nll_top:0.2 (default: neg_p on CPU, nll neg_p on CUDA)")
+    g.add_argument("--z-loss", type=_z_loss, default=0.0, metavar="Z",
+                   help="add the z-loss Z * logsumexp(z)^2 per valid token (Liger: lse_square_scale); "
+                        "a provider without it is skipped with the reason (default: 0)")
+    g.add_argument("--label-smoothing", type=_smoothing, default=0.0, metavar="EPS",
+                   help="label smoothing EPS, as F.cross_entropy(label_smoothing=EPS) for nll (Liger computes "
+                        "it for nll only; providers that cannot are skipped, with the reason) (default: 0)")
+    g.add_argument("--class-weight", action="store_true",
+                   help="seeded per-class weights in [0.5, 1.5], as F.cross_entropy(weight=...) for nll "
+                        "(Liger: ce_weight; torch_native: weight)")
     g.add_argument("--provider", nargs="+", type=_provider, metavar="NAME",
                    help="providers to run (default: every available one)")
     g.add_argument("--dtype", choices=list(DTYPES), help="input dtype (default: bf16 on CUDA, fp32 on CPU)")
@@ -167,7 +198,8 @@ def build_plan(args: argparse.Namespace, parser: argparse.ArgumentParser):
                 ignored_fractions=args.ignored_fraction or [0.0],
                 passes=args.passes or ["fwd", "bwd", "fwd_bwd"], warmup=warmup,
                 repeats=args.repeats or (10 if cuda else 3), check_tokens=args.check_tokens,
-                isolate=not args.in_process, seed=args.seed)
+                isolate=not args.in_process, seed=args.seed, z_loss=args.z_loss,
+                label_smoothing=args.label_smoothing, class_weight=args.class_weight)
 
 
 class _Progress:
@@ -233,7 +265,8 @@ def run(args: argparse.Namespace, parser: Optional[argparse.ArgumentParser] = No
     if not args.quiet:
         print(f"fused-objectives bench: {plan.units()} measurements on {plan.device} "
               f"({machine.get('gpu') or machine.get('cpu')}), dtype {plan.dtype}, "
-              f"{plan.repeats} repeats after {plan.warmup} warm-up", file=sys.stderr, flush=True)
+              f"{plan.repeats} repeats after {plan.warmup} warm-up"
+              + (f", loss terms:{plan.terms_label()}" if plan.terms_label() else ""), file=sys.stderr, flush=True)
     if args.quiet:
         from ..cli import silence_progress
 

@@ -83,6 +83,13 @@ class Result:
     db: Optional[torch.Tensor] = None
 
 
+def make_class_weight(vocab: int, device, seed: int = 0) -> torch.Tensor:
+    """Seeded per-class weights for ``--class-weight``: float32 ``[V]`` uniform in [0.5, 1.5]."""
+    device = torch.device(device)
+    g = torch.Generator(device=device).manual_seed(seed + 7919)
+    return 0.5 + torch.rand(vocab, device=device, generator=g)
+
+
 def run_once(fn, inp: Inputs) -> Result:
     inp.hidden.grad = None
     inp.weight.grad = None
@@ -92,13 +99,20 @@ def run_once(fn, inp: Inputs) -> Result:
 
 
 def ground_truth(inp: Inputs, objective: str, softcap: Optional[float], *, bias: Optional[torch.Tensor] = None,
-                 logit_scale: Optional[float] = None, chunk_bytes: Optional[int] = None) -> Result:
+                 logit_scale: Optional[float] = None, chunk_bytes: Optional[int] = None, z_loss: float = 0.0,
+                 label_smoothing: float = 0.0, class_weight: Optional[torch.Tensor] = None) -> Result:
     """float64 loss and gradients over **every** token of ``inp`` (mean over valid tokens).
 
     Written here from the definitions (logits ``(x W^T + b) * logit_scale``, soft-capped, float64
     log-softmax, the objective's per-token loss), walking the tokens in chunks so the float64
     ``[rows, V]`` buffers stay within ``chunk_bytes`` (default ``TRUTH_CHUNK_BYTES`` of the device):
     no token count is too large to check in full.  Each chunk is differentiated by float64 autograd.
+
+    Loss terms (``z_loss``, ``label_smoothing`` = eps, ``class_weight`` = w, u = w or ones), per
+    token: ``(1 - eps) w[y] f(log p_y) - (eps / V) sum_j u_j log p_j`` on kept tokens plus
+    ``z_loss * logsumexp(z)^2`` on valid ones; the first part is divided by the sum of ``w[y]`` over
+    valid tokens (their count without weights), the z-loss by the count (Liger's and
+    ``F.cross_entropy(weight=..., label_smoothing=...)``'s means).
     """
     x_all = inp.hidden.detach()
     device = x_all.device
@@ -111,6 +125,8 @@ def ground_truth(inp: Inputs, objective: str, softcap: Optional[float], *, bias:
     obj = fo.get_objective(objective)
     N, H = x_all.shape
     V = w.shape[0]
+    u = None if class_weight is None else class_weight.detach().to(device, f64)
+    w_sum = float(u[target[valid]].sum()) if u is not None else float(n_valid)
     budget = chunk_bytes or TRUTH_CHUNK_BYTES["cuda" if device.type == "cuda" else "cpu"]
     rows = max(1, budget // (8 * V * 6))  # logits, transforms, softmax and their gradients
     dx = torch.zeros(N, H, dtype=f64, device=device)
@@ -129,9 +145,17 @@ def ground_truth(inp: Inputs, objective: str, softcap: Optional[float], *, bias:
             z = z * logit_scale
         if softcap is not None:
             z = softcap * torch.tanh(z / softcap)
-        logp = torch.log_softmax(z, dim=-1).gather(1, t[:, None])[:, 0]
-        per_tok, _ = obj.per_token(logp, torch.ones_like(logp, dtype=torch.bool))
-        part = per_tok.sum() / max(n_valid, 1)
+        logsm = torch.log_softmax(z, dim=-1)
+        logp = logsm.gather(1, t[:, None])[:, 0]
+        per_tok, kept = obj.per_token(logp, torch.ones_like(logp, dtype=torch.bool))
+        if u is not None:
+            per_tok = per_tok * u[t]
+        if label_smoothing:
+            smooth = -(logsm.sum(-1) if u is None else (logsm * u).sum(-1)) * (label_smoothing / V)
+            per_tok = (1 - label_smoothing) * per_tok + torch.where(kept, smooth, torch.zeros_like(smooth))
+        part = per_tok.sum() / w_sum if w_sum > 0 else per_tok.sum() * 0.0
+        if z_loss:
+            part = part + z_loss * torch.logsumexp(z, dim=-1).pow(2).sum() / max(n_valid, 1)
         grads = torch.autograd.grad(part, [x, w] + ([b] if b is not None else []))
         dx.index_copy_(0, idx, grads[0])
         dw += grads[1]

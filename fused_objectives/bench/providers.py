@@ -6,6 +6,10 @@ hidden and weight.  Providers that only compute a per-token cross-entropy (PyTor
 ``F.linear_cross_entropy``, Liger, CCE) run with ``reduction="none"`` and get the objective applied
 to ``log p = -nll`` (a per-token upstream gradient, the case that must work); for ``nll`` they run
 their own ``reduction="mean"`` fast path.
+
+Loss terms (``--z-loss``, ``--label-smoothing``, ``--class-weight``): a provider computes them itself
+(this engine; Liger's ``lse_square_scale`` / ``label_smoothing`` / ``ce_weight`` and PyTorch's chunked
+``weight`` for ``nll``) or is skipped with the reason, never run without them.
 """
 from __future__ import annotations
 
@@ -25,12 +29,41 @@ from .inputs import IGNORE_INDEX
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Problem:
-    """What every provider must compute."""
+    """What every provider must compute (``class_weight``: a ``[V]`` float32 tensor on the device, or None)."""
 
     objective: str
     softcap: Optional[float] = None
+    z_loss: float = 0.0
+    label_smoothing: float = 0.0
+    class_weight: Optional[torch.Tensor] = None
+
+    @property
+    def terms(self) -> List[str]:
+        """The loss terms set, by name."""
+        return ([n for n in ("z_loss", "label_smoothing") if getattr(self, n)]
+                + (["class_weight"] if self.class_weight is not None else []))
+
+    def term_kwargs(self) -> dict:
+        return dict(z_loss=self.z_loss, label_smoothing=self.label_smoothing, class_weight=self.class_weight)
+
+
+def _is_nll(problem: Problem) -> bool:
+    return fo.get_objective(problem.objective).name == "nll"
+
+
+def _terms_reason(problem: Problem, supported, who: str) -> Optional[str]:
+    """Why ``who`` cannot compute ``problem``'s loss terms (None when it can): the ones it lacks, or, for an
+    objective other than nll, any term (its per-token loss is then no longer -log p for the objective)."""
+    terms = problem.terms
+    missing = [t for t in terms if t not in supported]
+    if missing:
+        return f"{who} has no {' / '.join(missing)}"
+    if terms and not _is_nll(problem):
+        return (f"{who} computes {' / '.join(terms)} only as part of a cross-entropy: with them its per-token "
+                f"loss is not -log p, so objective {problem.objective} cannot be applied to it")
+    return None
 
 
 def _mean_objective_of_nll(nll: torch.Tensor, target: torch.Tensor, objective: str) -> torch.Tensor:
@@ -78,10 +111,11 @@ class Fused(Provider):
 
     def build(self, device, dtype, problem):
         backend, objective, softcap = self.backend, problem.objective, problem.softcap
+        terms = {k: v for k, v in problem.term_kwargs().items() if k in problem.terms}
 
         def fn(h, w, y):
             return fo.linear_objective_loss(h, w, y, objective=objective, softcap=softcap,
-                                            ignore_index=IGNORE_INDEX, backend=backend)
+                                            ignore_index=IGNORE_INDEX, backend=backend, **terms)
         return fn
 
 
@@ -121,20 +155,52 @@ class TorchNative(Provider):
                     f"(LinearCrossEntropyOptions arrived in torch 2.13)")
         if problem.softcap is not None:
             return "F.linear_cross_entropy has no logit soft-cap (this shape needs softcap)"
-        return None
+        reason = _terms_reason(problem, ("label_smoothing", "class_weight"), "F.linear_cross_entropy")
+        if reason is None and problem.label_smoothing:
+            # torch 2.13 warns "options ignored" and materialises the logits: not the chunked path this names
+            return "F.linear_cross_entropy's chunked path needs label_smoothing == 0 (it falls back to full logits)"
+        return reason
 
     def build(self, device, dtype, problem):
         F = torch.nn.functional
         options = torch.nn.LinearCrossEntropyOptions()
         objective = problem.objective
         if fo.get_objective(objective).name == "nll":
-            return lambda h, w, y: F.linear_cross_entropy(h, w, y, ignore_index=IGNORE_INDEX,
-                                                          reduction="mean", options=options)
+            cw = problem.class_weight
+            return lambda h, w, y: F.linear_cross_entropy(h, w, y, ignore_index=IGNORE_INDEX, reduction="mean",
+                                                          weight=cw, options=options)
 
         def fn(h, w, y):
             nll = F.linear_cross_entropy(h, w, y, ignore_index=IGNORE_INDEX, reduction="none", options=options)
             return _mean_objective_of_nll(nll, y, objective)
         return fn
+
+
+def _compiled_terms(problem: Problem):
+    """With loss terms: the loss written from its definition on materialised fp32 logits, for torch.compile."""
+    obj = fo.get_objective(problem.objective)
+    softcap, zl, eps, cw = problem.softcap, problem.z_loss, problem.label_smoothing, problem.class_weight
+
+    def loss_fn(h, w, y):
+        valid = y != IGNORE_INDEX
+        z = (h @ w.T).float()
+        if softcap is not None:
+            z = softcap * torch.tanh(z / softcap)
+        logsm = torch.log_softmax(z, dim=-1)
+        t = y.clamp(min=0)
+        logp = torch.where(valid, logsm.gather(1, t[:, None])[:, 0], torch.zeros_like(z[:, 0]))
+        per_tok, kept = obj.per_token(logp, valid)
+        wt = valid.float() if cw is None else torch.where(valid, cw[t], torch.zeros_like(logp))
+        per_tok = per_tok * wt
+        if eps:
+            smooth = -(logsm.sum(-1) if cw is None else logsm @ cw) * (eps / z.shape[-1])
+            per_tok = (1 - eps) * per_tok + torch.where(kept, smooth, torch.zeros_like(smooth))
+        loss = per_tok.sum() / wt.sum().clamp(min=torch.finfo(torch.float32).tiny)
+        if zl:
+            lse = torch.logsumexp(z, dim=-1)
+            loss = loss + zl * torch.where(valid, lse * lse, torch.zeros_like(lse)).sum() / valid.sum().clamp(min=1)
+        return loss
+    return loss_fn
 
 
 def _compiled_reference(objective: str, softcap: Optional[float]):
@@ -147,7 +213,7 @@ def _compiled_reference(objective: str, softcap: Optional[float]):
 
     def loss_fn(h, w, y):
         valid = y != IGNORE_INDEX
-        logp, _ = reference.target_logprob(h, w, None, y, valid, opts)
+        logp = reference.target_logprob(h, w, None, y, valid, opts)[0]
         per_tok, _ = obj.per_token(logp, valid)
         return per_tok.sum() / valid.sum().clamp(min=1)
     return loss_fn
@@ -168,6 +234,8 @@ class TorchCompile(Provider):
         return None
 
     def build(self, device, dtype, problem):
+        if problem.terms:
+            return torch.compile(_compiled_terms(problem), dynamic=True)
         key = (problem.objective, problem.softcap)
         if key not in self._cache:
             # dynamic=True: one compilation serves every token count and the correctness slice
@@ -194,16 +262,18 @@ class Liger(Provider):
         if device.type != "cuda":
             return "liger-kernel's Triton kernels need CUDA tensors (no CPU path)"
         _, reason = _import_or_reason("liger_kernel.ops.fused_linear_cross_entropy", "liger-kernel")
-        return reason
+        return reason or _terms_reason(problem, ("z_loss", "label_smoothing", "class_weight"), "liger-kernel")
 
     def build(self, device, dtype, problem):
         from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction as LigerFn
 
         objective, softcap = problem.objective, problem.softcap
         is_nll = fo.get_objective(objective).name == "nll"
+        # Liger's own names: ce_weight, lse_square_scale (its z-loss), label_smoothing
+        cw, zl, eps = problem.class_weight, problem.z_loss, problem.label_smoothing
 
         def fn(h, w, y):
-            out = LigerFn.apply(h, w, y, None, None, IGNORE_INDEX, 0.0, 0.0,
+            out = LigerFn.apply(h, w, y, None, cw, IGNORE_INDEX, zl, eps,
                                 "mean" if is_nll else "none", softcap)
             loss = out[0] if isinstance(out, tuple) else out
             return loss if is_nll else _mean_objective_of_nll(loss, y, objective)
@@ -220,7 +290,7 @@ class CutCrossEntropy(Provider):
         if device.type != "cuda":
             return "cut-cross-entropy's kernels need CUDA tensors"
         _, reason = _import_or_reason("cut_cross_entropy", "cut-cross-entropy")
-        return reason
+        return reason or _terms_reason(problem, (), "cut-cross-entropy's linear_cross_entropy")
 
     def build(self, device, dtype, problem):
         from cut_cross_entropy import linear_cross_entropy

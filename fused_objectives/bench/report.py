@@ -13,6 +13,7 @@ import math
 import os
 import platform
 import subprocess
+import textwrap
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -24,7 +25,7 @@ FIELDS = ["provider", "objective", "preset", "tokens", "hidden", "vocab", "dtype
           "peak_mem_mb", "tflops", "matmul_ratio", "correct", "max_rel_error", "status", "reason", "backend",
           "softcap", "ignored_fraction", "valid_tokens", "speedup_vs_reference", "extra_mem_mb", "grad_mem_mb",
           "tolerance", "check_tokens", "err_loss", "err_dx", "err_dw", "repeats", "cpu_time_ms", "cpu_matmul_ratio",
-          "threads"]
+          "threads", "z_loss", "label_smoothing", "class_weight"]
 
 
 def _version(dist: str) -> Optional[str]:
@@ -104,9 +105,25 @@ def table(records: Sequence[dict], machine: Dict[str, object], wide: bool = Fals
     the spread of its repeats, ratios to the reference and to the bare GEMMs, extra memory, the check)
     and a verdict; then one line per provider that could not run.  Fits 100 columns; ``wide=True``
     gives every pass, TFLOP/s and peak memory in one row per (configuration, provider) instead."""
-    if wide:
-        return wide_table(records, machine)
-    return compact_table(records, machine)
+    text = wide_table(records, machine) if wide else compact_table(records, machine)
+    terms = terms_note(records)
+    return text + ("\n" + terms if terms else "")
+
+
+def terms_note(records: Sequence[dict]) -> str:
+    """One line naming the loss terms every provider computed (records of runs before them have none)."""
+    found = set()
+    for r in records:
+        parts = ([f"z_loss={r['z_loss']:g}"] if r.get("z_loss") else [])
+        parts += ([f"label_smoothing={r['label_smoothing']:g}"] if r.get("label_smoothing") else [])
+        parts += (["class_weight (seeded, in [0.5, 1.5])"] if r.get("class_weight") else [])
+        if parts:
+            found.add(", ".join(parts))
+    if not found:
+        return ""
+    text = ("loss terms: " + "; ".join(sorted(found)) + " (every provider computes them, checked against float64 "
+            "with them; one that cannot is skipped)")
+    return "\n".join(textwrap.wrap(text, WIDTH, subsequent_indent="  ", break_on_hyphens=False))
 
 
 def wide_table(records: Sequence[dict], machine: Dict[str, object]) -> str:

@@ -19,7 +19,7 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
-from .inputs import DTYPES, ground_truth, make_inputs, run_once, tolerance, worst_error
+from .inputs import DTYPES, ground_truth, make_class_weight, make_inputs, run_once, tolerance, worst_error
 from .measure import CPU_TIME, PASSES, Measurement, finite, flops, measure, time_bare_gemms
 from .providers import Problem, Reference, get_provider
 from .report import short_reason
@@ -51,6 +51,21 @@ class Plan:
     seed: int = 0
     max_seconds: Optional[float] = None
     threads: Optional[int] = None  # torch.set_num_threads here and in every worker process
+    # loss terms every provider must compute (or be skipped with the reason)
+    z_loss: float = 0.0
+    label_smoothing: float = 0.0
+    class_weight: bool = False  # seeded per-class weights in [0.5, 1.5] (inputs.make_class_weight)
+
+    def problem(self, objective: str, softcap: Optional[float], vocab: int, device) -> Problem:
+        cw = make_class_weight(vocab, device, self.seed) if self.class_weight else None
+        return Problem(objective, softcap, self.z_loss, self.label_smoothing, cw)
+
+    def terms_label(self) -> str:
+        """``" z_loss=0.0001 label_smoothing=0.1 class_weight"``, or "" without loss terms."""
+        parts = [f"z_loss={self.z_loss:g}"] if self.z_loss else []
+        parts += [f"label_smoothing={self.label_smoothing:g}"] if self.label_smoothing else []
+        parts += ["class_weight"] if self.class_weight else []
+        return "".join(" " + p for p in parts)
 
     def units(self) -> int:
         return len(self.shapes) * len(self.objectives) * len(self.ignored_fractions) * len(self.providers)
@@ -68,6 +83,7 @@ def _record(shape: Shape, plan: Plan, provider: str, objective: str, ignored: fl
         "extra_mem_mb": None, "grad_mem_mb": None, "tolerance": None, "check_tokens": None,
         "err_loss": None, "err_dx": None, "err_dw": None, "repeats": None, "times_ms": None,
         "cpu_time_ms": None, "cpu_matmul_ratio": None, "threads": plan.threads or torch.get_num_threads(),
+        "z_loss": plan.z_loss, "label_smoothing": plan.label_smoothing, "class_weight": plan.class_weight,
     }
     if m is not None:
         t = m.time_ms.get(pass_)
@@ -93,7 +109,8 @@ def _run_isolated(provider: str, shape: Shape, plan: Plan, objective: str, ignor
     spec = {"provider": provider, "tokens": shape.tokens, "hidden": shape.hidden, "vocab": shape.vocab,
             "softcap": shape.softcap, "dtype": plan.dtype, "device": plan.device, "objective": objective,
             "ignored_fraction": ignored, "seed": plan.seed, "warmup": plan.warmup, "repeats": plan.repeats,
-            "max_seconds": plan.max_seconds, "threads": plan.threads,
+            "max_seconds": plan.max_seconds, "threads": plan.threads, "z_loss": plan.z_loss,
+            "label_smoothing": plan.label_smoothing, "class_weight": plan.class_weight,
             "check_tokens": check_tokens, "tolerance": tol, "gt_path": gt_path}
     spec_path, out_path = os.path.join(tmp, "spec.json"), os.path.join(tmp, "out.json")
     with open(spec_path, "w") as f:
@@ -155,14 +172,14 @@ def _gemm_record(shape, plan, objective, ignored, pass_, t, cpu_t=None) -> dict:
 
 
 def _run_config(plan, shape, objective, ignored, device, dtype, tmp, say) -> List[dict]:
-    problem = Problem(objective, shape.softcap)
+    problem = plan.problem(objective, shape.softcap, shape.vocab, device)
     inp = make_inputs(shape.tokens, shape.hidden, shape.vocab, dtype, device, ignored, plan.seed)
     n_valid = inp.n_valid
     # the float64 truth is computed in bounded chunks over every token (inputs.ground_truth): check
     # all of them by default, so a provider wrong on any chunk is caught
     n_check = min(plan.check_tokens or shape.tokens, shape.tokens)
     check_inp = inp.head(n_check)
-    gt = ground_truth(check_inp, objective, shape.softcap)
+    gt = ground_truth(check_inp, objective, shape.softcap, **problem.term_kwargs())
     # the same-dtype reference's own error sets how close a provider must be (see inputs.tolerance)
     ref_err = worst_error(run_once(Reference().build(device, dtype, problem), check_inp), gt)
     check_inp.hidden.grad = check_inp.weight.grad = None
@@ -174,7 +191,7 @@ def _run_config(plan, shape, objective, ignored, device, dtype, tmp, say) -> Lis
         torch.save({k: (v.cpu() if v is not None else None) for k, v in dataclasses.asdict(gt).items()}, gt_path)
         del inp, check_inp
     out: List[dict] = []
-    where = f"{shape.preset} N={shape.tokens} {plan.dtype} {objective} ignored={ignored:g}"
+    where = f"{shape.preset} N={shape.tokens} {plan.dtype} {objective}{plan.terms_label()} ignored={ignored:g}"
     for name in plan.providers:
         provider = get_provider(name)
         reason = provider.unavailable_reason(device, dtype, problem)
