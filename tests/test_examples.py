@@ -125,3 +125,49 @@ def test_long_context_memory(tmp_path, capsys):
     assert "MISMATCH" not in out and "match" in out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(json.loads(js.read_text())["rows"]) == 4
+
+
+def _distributed_truth(mod, args):
+    """The example's run in float64 by the test's own truth: the unpatched model on the whole batch,
+    the objective from its logits (tests/truth.py), plain SGD."""
+    import truth
+
+    model = mod.build_model(args).double()
+    ids, mask, labels = mod.batch(args)
+    target = truth.shifted(labels, -100)
+    losses = []
+    for _ in range(args.steps):
+        model.zero_grad(set_to_none=True)
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        lp = torch.log_softmax(logits, -1).gather(-1, target.clamp(min=0)[..., None])[..., 0]
+        per, _ = truth.per_token(args.objective, lp.reshape(-1), (target != -100).reshape(-1))
+        loss = per.sum() / int((target != -100).sum())
+        loss.backward()
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= args.lr * p.grad
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
+def test_distributed(engine):
+    """examples/distributed.py on 2 gloo ranks (it re-runs itself under torchrun): exit status 0, and
+    the losses it prints equal a float64 run of the unsharded, unpatched model."""
+    pytest.importorskip("transformers")
+    import subprocess
+    import sys
+
+    objective = "nll"  # on a random model -p's gradient is ~1/vocab of NLL's: NLL's losses move more
+    argv = ["--engine", engine, "--objective", objective, "--steps", "3", "--cpu"]
+    proc = subprocess.run([sys.executable, os.path.join(EXAMPLES, "distributed.py"), "--nproc", "2", *argv],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"engine {engine}: 2 ranks (cpu), objective {objective}, 3 SGD steps" in proc.stdout, proc.stdout
+    assert "OK: every step's loss equals the single-process run's" in proc.stdout, proc.stdout
+    got = [float(x) for x in re.findall(r"^step +\d+ +loss ([0-9.]+)", proc.stdout, re.M)]
+    mod = _load("distributed")
+    want = _distributed_truth(mod, mod.parse_args(argv))
+    assert len(got) == 3
+    assert got == pytest.approx(want, rel=2e-6), (got, want)
