@@ -38,6 +38,17 @@ def dot_vector(terms: LossTerms, vocab: int, device: torch.device) -> Optional[t
     return torch.ones(vocab, dtype=torch.float32, device=device)
 
 
+def target_weights(class_weight: torch.Tensor, target: torch.Tensor, valid: torch.Tensor,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """``class_weight[target]`` on valid tokens, 0 elsewhere.  A valid target outside ``[0, V)``
+    (possible on CUDA, where it is not checked on the host; its log-probability is NaN) reads
+    entry 0 instead: never an out-of-bounds index."""
+    w = class_weight.detach().to(device=target.device, dtype=dtype)
+    inside = valid & (target >= 0) & (target < w.shape[0])
+    got = w[torch.where(inside, target, torch.zeros_like(target))]
+    return torch.where(valid, got, torch.zeros_like(got))
+
+
 def token_terms(per_tok: torch.Tensor, kept: torch.Tensor, valid: torch.Tensor, lse: Optional[torch.Tensor],
                 dotz: Optional[torch.Tensor], target: torch.Tensor, terms: LossTerms, vocab: int,
                 dot_sum) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -49,9 +60,7 @@ def token_terms(per_tok: torch.Tensor, kept: torch.Tensor, valid: torch.Tensor, 
     ``per_tok`` is the objective's per-token loss (0 where not kept)."""
     out = per_tok
     if terms.class_weight is not None:
-        safe_t = torch.where(valid, target, torch.zeros_like(target))
-        w = terms.class_weight.detach().to(device=per_tok.device, dtype=per_tok.dtype)[safe_t]
-        out = out * torch.where(valid, w, torch.zeros_like(w))
+        out = out * target_weights(terms.class_weight, target, valid, per_tok.dtype)
     eps = terms.label_smoothing
     if eps != 0:
         smooth = (eps / vocab) * (dot_sum * lse - dotz)

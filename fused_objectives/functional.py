@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from dataclasses import dataclass, fields
 from typing import Callable, Optional, Tuple, Union
 
 import torch
 
 from .autograd import ObjectiveSumFunction, TargetLogprobFunction, dot_vector, objective_coefficients, token_terms
+from .autograd import target_weights
 from .autograd import _dot_sum
 from .backends import REFERENCE, check_backend_name, reference, resolve_backend
 from .objectives import Objective, get_objective
@@ -180,8 +182,10 @@ def _valid_targets_fake(target, vocab, ignore_index):
 
 
 def _is_dtensor(t) -> bool:
-    """Whether ``t`` is a ``torch.distributed`` DTensor, without importing torch.distributed."""
-    return isinstance(t, torch.Tensor) and type(t).__module__.startswith("torch.distributed")
+    """Whether ``t`` is a ``torch.distributed`` DTensor, without importing torch.distributed (a
+    DTensor exists only once its module is loaded)."""
+    mod = sys.modules.get("torch.distributed.tensor")
+    return mod is not None and isinstance(t, mod.DTensor)
 
 
 def _prepare(hidden, weight, target, bias, ignore_index, shift, softcap, logit_scale, backend):
@@ -307,9 +311,7 @@ def _parameter_term(obj: Objective, logp: torch.Tensor, valid: torch.Tensor, tar
     if not per_tok.requires_grad:  # the built-in objectives: no tensors of their own
         return None
     if terms.class_weight is not None:
-        safe_t = torch.where(valid, target, torch.zeros_like(target))
-        w = terms.class_weight.detach().to(device=per_tok.device, dtype=per_tok.dtype)[safe_t]
-        per_tok = per_tok * torch.where(valid, w, torch.zeros_like(w))
+        per_tok = per_tok * target_weights(terms.class_weight, target, valid, per_tok.dtype)
     extra = (1.0 - terms.label_smoothing) * per_tok.sum()
     # finite check: inf - inf would turn an infinite loss into NaN
     return torch.where(torch.isfinite(extra), extra - extra.detach(), torch.zeros_like(extra))
@@ -445,8 +447,7 @@ def linear_objective_loss(
         if items is not None:
             denom = z_denom = items
         elif weighted:
-            w = terms.class_weight.detach().to(device=h2.device, dtype=torch.float64)[
-                torch.where(valid, t1, torch.zeros_like(t1))]
+            w = target_weights(terms.class_weight, t1, valid, torch.float64)
             denom = torch.where(valid if normalize == "valid" else kept, w, torch.zeros_like(w)).sum()
             z_denom = count
         else:

@@ -218,3 +218,23 @@ def test_module_carries_the_terms():
     assert "class_weight" in m.state_dict() and torch.equal(m.to(torch.float64).class_weight, cw.double())
     with pytest.raises(ValueError, match="label_smoothing"):
         fo.LinearObjectiveLoss("nll", label_smoothing=2.0)
+
+
+def test_target_weights_never_index_out_of_range():
+    """On CUDA a valid out-of-range target is not checked on the host (its log p is NaN); the class
+    weight lookup must still stay inside [0, V) (on CPU an out-of-range index raises)."""
+    from fused_objectives.autograd import target_weights
+
+    cw = torch.arange(1.0, V + 1.0)
+    t = torch.tensor([3, V, -5, -100, V - 1])
+    valid = t != -100
+    got = target_weights(cw, t, valid, torch.float32)
+    assert got.tolist() == [4.0, 1.0, 1.0, 0.0, float(V)]
+
+
+@pytest.mark.gpu
+def test_out_of_range_target_with_class_weight_is_nan_on_cuda():
+    h, w, t, _ = make_inputs(N=8, H=16, V=V, device=torch.device("cuda"))
+    t[2] = V + 3
+    loss = fo.linear_objective_loss(h, w, t, class_weight=weights().cuda(), label_smoothing=0.1)
+    assert torch.isnan(loss)
