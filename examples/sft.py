@@ -143,6 +143,10 @@ def main(argv=None):
                         help="examples the probe looks at (default 1000)")
     parser.add_argument("--normalize", default="valid", choices=("valid", "kept"),
                         help="mean over valid tokens (HF) or over tokens kept by the gate (the paper)")
+    parser.add_argument("--label-smoothing", type=float, default=0.0, metavar="EPS",
+                        help="label smoothing in the fused loss (not TrainingArguments.label_smoothing_factor, "
+                             "which would bypass the patch and is refused)")
+    parser.add_argument("--z-loss", type=float, default=0.0, metavar="Z", help="add Z * logsumexp(z)^2 per token")
     parser.add_argument("--prompt-field", default="prompt")
     parser.add_argument("--response-field", default="response")
     parser.add_argument("--messages-field", default=None, help="conversation field: chat template, assistant turns")
@@ -177,7 +181,8 @@ def main(argv=None):
     objective, probe_result = choose_objective(args, model, tokenizer, encoded, pad_id)
     fo.get_objective(objective)  # a clear error for a bad spec before any training
 
-    fo.patch_model(model, objective=objective, normalize=args.normalize)
+    fo.patch_model(model, objective=objective, normalize=args.normalize, label_smoothing=args.label_smoothing,
+                   z_loss=args.z_loss)
     if args.normalize == "kept":
         # the paper's mean over kept tokens is per micro-batch: Trainer must not pass num_items_in_batch
         model.accepts_loss_kwargs = False
