@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 
 from ...functional import linear_objective_loss
+from ...parallel import head_output_like, is_dtensor, local_view
 from .head import _apply_transform, _check_head, _head_params, _logit_transform, _text_config
 from .refusals import UnsupportedModelError, _refuse
 from .state import _ACTIVE, _MISSING, _PatchState, _active_depth
@@ -141,6 +142,8 @@ class _Call:
         else:
             probe = torch.tensor(_PROBE, dtype=out_dtype, device=x.device)
             stand = probe.expand(*x.shape[:-1], len(_PROBE))
+            if is_dtensor(weight):  # a vocabulary-parallel head's output hook expects its sharded layout
+                stand = head_output_like(stand, weight)
         self.stand_in = stand
         self.head_done = True
         if torch.is_grad_enabled() and source.requires_grad:
@@ -193,12 +196,13 @@ class _Call:
             if not reads_width or (isinstance(unpadded, int) and unpadded < self.vocab):
                 _refuse(model, f"its loss is over vocab_size={unpadded if reads_width else vocab_size} but its "
                                f"LM head has {self.vocab} rows")
-        if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != tuple(self.stand_in.shape):
+        stand_in, logits = local_view(self.stand_in), local_view(logits)  # a vocabulary-parallel head: this rank's
+        if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != tuple(stand_in.shape):
             got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
             _refuse(model, f"its forward reshapes or slices the logits before its loss (head output "
-                           f"{tuple(self.stand_in.shape)}, loss received {got})")
-        expected = _apply_transform(self.stand_in.detach(), self.scale, self.softcap)
-        half = self.stand_in.dtype in _HALF or logits.dtype in _HALF
+                           f"{tuple(stand_in.shape)}, loss received {got})")
+        expected = _apply_transform(stand_in.detach(), self.scale, self.softcap)
+        half = stand_in.dtype in _HALF or logits.dtype in _HALF
         rtol, atol = (2e-2, 2e-2) if half else (1e-4, 1e-4)
         if torch.compiler.is_compiling():
             # no data-dependent Python branch in a compiled graph: the same check, asserted inside it
