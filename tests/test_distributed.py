@@ -14,7 +14,6 @@ replicated weights cannot pass.
 """
 import importlib.util
 import os
-import socket
 
 import pytest
 import torch
@@ -203,11 +202,12 @@ def _case_trainer_zero3(rank, objective, outdir, steps):
 _CASES = {"ddp": _case_ddp, "fsdp2": _case_fsdp2, "zero3": _case_zero3, "trainer_zero3": _case_trainer_zero3}
 
 
-def _worker(rank, case, port, out, kwargs):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD), DS_ACCELERATOR="cpu")
+def _worker(rank, case, store, out, kwargs):
+    # a file store for the rendezvous: no TCP port to pick (and lose to another process) in between
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD),
+                      MASTER_ADDR="127.0.0.1", DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     try:
         result = _CASES[case](rank, **kwargs)
         if rank == 0:
@@ -219,11 +219,8 @@ def _worker(rank, case, port, out, kwargs):
 def _spawn(case, tmp_path, **kwargs):
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = str(tmp_path / f"{case}.pt")
-    mp.spawn(_worker, args=(case, port, out, kwargs), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(case, str(tmp_path / f"{case}.store"), out, kwargs), nprocs=WORLD, join=True)
     return torch.load(out)
 
 
