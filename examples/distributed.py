@@ -10,14 +10,18 @@ the script exits with status 1 if any step differs by more than --rtol.
     python examples/distributed.py --engine ddp --nproc 2
     python examples/distributed.py --engine fsdp2 --nproc 2
     python examples/distributed.py --engine zero3 --nproc 2     # pip install deepspeed
+    python examples/distributed.py --engine tp --nproc 2
     # or under torchrun yourself (CUDA ranks with NCCL when there is a GPU per rank)
     torchrun --nproc-per-node 2 examples/distributed.py --engine fsdp2
 
 Engines: `ddp` (DistributedDataParallel), `fsdp2` (`fully_shard` on every decoder layer, the LM head
 and the root), `zero3` (DeepSpeed ZeRO-3, every parameter partitioned; `DS_ACCELERATOR=cpu` on a
-machine without a GPU).  Each rank trains on its share of the batch's rows, its loss is the sum over
+machine without a GPU) and `tp` (tensor parallelism on the LM head: torchtitan's layout,
+`ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)`, each rank holds a slice of the
+vocabulary and the fused loss combines the slices' statistics; the rest of the model replicated).
+With ddp, fsdp2 and zero3 each rank trains on its share of the batch's rows, its loss is the sum over
 its tokens divided by the global count of scored tokens (`num_items_in_batch`), and the engine
-averages the gradients over the ranks.  Plain SGD: Adam would hide a gradient that is off by a
+averages the gradients over the ranks; with tp every rank sees the whole batch.  Plain SGD: Adam would hide a gradient that is off by a
 constant factor (its update is invariant to the gradient's scale), SGD shows it in the next loss.
 """
 import argparse
@@ -27,7 +31,7 @@ import sys
 
 import torch
 
-ENGINES = ("ddp", "fsdp2", "zero3")
+ENGINES = ("ddp", "fsdp2", "zero3", "tp")
 
 
 def parse_args(argv=None):
@@ -149,6 +153,15 @@ def _wrap(args, model, device, world):
         fully_shard(model, mesh=mesh)
         opt = torch.optim.SGD(model.parameters(), lr=args.lr)
         return model, lambda loss: (loss * world).backward(), opt.step, opt.zero_grad
+    if args.engine == "tp":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Shard
+        from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+        mesh = init_device_mesh(device.type, (world,))
+        parallelize_module(model, mesh, {"lm_head": ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)})
+        opt = torch.optim.SGD(model.parameters(), lr=args.lr)
+        return model, lambda loss: loss.backward(), opt.step, opt.zero_grad
     import deepspeed
 
     # every parameter partitioned (the default keeps those under 1e5 elements whole), no clipping (the
@@ -171,22 +184,24 @@ def run_rank(args):
     device = _setup(args)
     try:
         rank, world = dist.get_rank(), dist.get_world_size()
-        if args.rows % world:
+        data_parallel = args.engine != "tp"
+        if data_parallel and args.rows % world:
             raise ValueError(f"--rows {args.rows} is not a multiple of the {world} ranks")
         model = build_model(args)
         fo.patch_model(model, objective=args.objective)
         module, backward, step, zero_grad = _wrap(args, model, device, world)
-        mine = slice(rank * args.rows // world, (rank + 1) * args.rows // world)
+        mine = slice(rank * args.rows // world, (rank + 1) * args.rows // world) if data_parallel else slice(None)
         losses = []
         for s in range(args.steps):
             ids, mask, labels = batch(args)
             zero_grad()
             loss = module(input_ids=ids[mine].to(device), attention_mask=mask[mine].to(device),
                           labels=labels[mine].to(device), num_items_in_batch=scored_tokens(labels)).loss
-            backward(loss)  # the engines average the ranks' gradients: the local loss is scaled by `world`
+            backward(loss)  # data parallel: the engines average the ranks' gradients, backward scales by `world`
             step()
             total = loss.detach().float().clone()
-            dist.all_reduce(total)
+            if data_parallel:  # the ranks' shares of the global loss
+                dist.all_reduce(total)
             losses.append(total.item())
         return losses, world, device
     finally:
