@@ -308,9 +308,10 @@ KERNELS: List[KernelEntry] = [
                 smoke=(dict(dx=True, dw=True), dict(dx=True, dw=True, lse_coef=True, dot=True))),
     KernelEntry("row_stats_kernel", "fused_objectives.kernels.rows:row_stats_kernel", _rows_configs,
                 ROW_FEATURES, _row_stats_launch, dtypes=NO_DOT_DTYPES,
-                smoke=({}, dict(fp32_logits=True), dict(entropy=True))),
+                smoke=({}, dict(fp32_logits=True), dict(entropy=True), dict(dot=True))),
     KernelEntry("dz_kernel", "fused_objectives.kernels.rows:dz_kernel", _dz_configs,
-                ROW_FEATURES, _dz_launch, dtypes=NO_DOT_DTYPES, smoke=({}, dict(fp32_logits=True))),
+                ROW_FEATURES, _dz_launch, dtypes=NO_DOT_DTYPES,
+                smoke=({}, dict(fp32_logits=True), dict(lse_coef=True, dot=True))),
 ]
 
 

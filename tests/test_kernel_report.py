@@ -1,7 +1,8 @@
 """Every shipped Triton kernel compiles for A100 (sm_80) and H100/H200 (sm_90a) within shared memory,
 without spills and without ordered (acq_rel) atomics: ``benchmarks/kernel_report.py`` on a subset
-(each kernel's default features; bf16 and fp32 with TF32, the dtype with the largest tiles in shared
-memory), in a subprocess because this suite runs Triton's interpreter, which cannot compile.
+(each kernel's default features plus its entropy / dot / lse-coefficient variants; bf16 and fp32 with
+TF32, the dtype with the largest tiles in shared memory), in a subprocess because this suite runs
+Triton's interpreter, which cannot compile.
 
 Known failures are listed in ``KNOWN_FAILING`` with the issue that fixes them; they are strict xfails,
 so a fix makes the test fail until its entry is removed."""
