@@ -115,8 +115,10 @@ def _head_params(model, head):
                 if b_.bias is not None:
                     lb = (b_.bias * s).to(weight.dtype)
                     bias = lb if bias is None else bias + lb
-    if type(weight).__name__ == "DTensor":
-        _refuse(model, "its LM head weight is a DTensor (tensor parallelism); the fused loss needs the full weight")
+    if type(weight).__name__ == "DTensor" and not _is_plain_linear(head):
+        # a vocabulary-sharded nn.Linear head (ColwiseParallel) is fused shard by shard (parallel.py)
+        _refuse(model, "its LM head is a PEFT wrapper around a DTensor (tensor-parallel) weight; only a plain "
+                       "nn.Linear head can be vocabulary-parallel")
     return weight, bias
 
 
