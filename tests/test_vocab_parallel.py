@@ -155,6 +155,19 @@ def _case_empty_shard(rank, mesh):
     return _direct(mesh, n=6, h=4, v=1, opts=LogitOptions(), seed=2)  # rows 1 + 0
 
 
+def _case_argmax_tie(rank, mesh):
+    """Rows 1 (first shard) and 6 (second shard) equal, both the maximum: the global argmax is the
+    first index, as torch.argmax of the full logits gives."""
+    from fused_objectives.parallel import localize
+
+    hid, w, b, t, valid, _ = _inputs(5, 4, 8, seed=4)
+    w[6] = w[1] = hid[0] * 3
+    b[6] = b[1] = 0.0
+    h_l, w_l, b_l, be = localize(hid, _shard(mesh, w), _shard(mesh, b), _Float64Inner())
+    am = be.forward(h_l, w_l, b_l, t, valid, LogitOptions())[2]
+    return {"argmax of row 0": (am[0], torch.tensor(1))}
+
+
 def _case_confident(rank, mesh):
     """fp32 inputs with 1 - p ~ 1e-9: the combined log-probability (and so 1 - P in the gradient)
     keeps its relative accuracy, as the owner's own value has it."""
@@ -265,6 +278,16 @@ def _case_refusals(rank, mesh):
         "plain bias": lambda: (hid, _shard(mesh, w), b),
     }
     out = {}
+    # double backward would differentiate the shard's own recomputed graph only: refused by name
+    h_ = hid.clone().requires_grad_()
+    w_ = _shard(mesh, w).requires_grad_()
+    per_tok = linear_objective_loss(h_, w_, t, backend="reference", reduction="none")
+    try:
+        torch.autograd.grad(per_tok.sum(), h_, create_graph=True)
+        out["double backward"] = "no error"
+    except RuntimeError as e:
+        out["double backward"] = f"RuntimeError: {e}"
+    out["is_dtensor"] = f"{is_dtensor(w_)} {is_dtensor(w)}"
     for name, make in calls.items():
         h_, w_, b_ = make()
         try:
@@ -394,7 +417,7 @@ def _check(result, rtol=1e-5, atol=1e-6):
         torch.testing.assert_close(got, want, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("case", ["direct", "direct_transforms", "empty_shard"])
+@pytest.mark.parametrize("case", ["direct", "direct_transforms", "empty_shard", "argmax_tie"])
 def test_wrapper_matches_unsharded_truth(_results, case):
     _check(_results[case])
 
@@ -410,6 +433,9 @@ def test_functional_sharded_weight_equals_unsharded(_results, name):
 
 def test_unsupported_layouts_are_refused(_results):
     got = _results["refusals"]
+    assert got.pop("is_dtensor") == "True False"
+    double = got.pop("double backward")
+    assert double.startswith("RuntimeError: ") and "double backward" in double, double
     for name, message in got.items():
         assert message.startswith("ValueError: "), (name, message)
     assert "Shard(dim=1)" in got["Shard(1) weight"] and "Shard(0)" in got["Shard(1) weight"]
@@ -523,6 +549,16 @@ def test_two_dimensional_mesh_fsdp2_x_tp(tmp_path):
 
 
 # ----------------------------------------------------------------------------- single process
-def test_is_dtensor_is_light():
-    assert not is_dtensor(torch.zeros(2))
-    assert not is_dtensor(None)
+def test_import_does_not_import_dtensor():
+    """``import fused_objectives`` and ``is_dtensor`` of a plain tensor import nothing of
+    torch.distributed.tensor (a first call may: torch's own dynamo imports it)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch, fused_objectives as fo\n"
+            "from fused_objectives.parallel import is_dtensor\n"
+            "assert not is_dtensor(torch.zeros(2)) and not is_dtensor(None)\n"
+            "print(sorted(m for m in sys.modules if m.startswith('torch.distributed.tensor')))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", out.stdout
