@@ -30,7 +30,8 @@ Modules: ``patch`` (the public API and the installation of the patched forward),
 (one patched training call: the fused loss inside the head's call, the checks in the loss function,
 TRL's fields), ``head`` (the head's weight and bias; the config's logit transform), ``hooks`` (TRL's
 flag, the decoder guard), ``options`` (patch options, version gate), ``state`` (what a patch keeps
-on the model), ``refusals`` (``UnsupportedModelError``).
+on the model), ``refusals`` (``UnsupportedModelError``), ``trainers`` (Trainer / TRL settings that compute the
+loss around the patch: refused or warned).
 """
 from .options import MIN_TRANSFORMERS_VERSION, PatchOptions
 from .patch import patch_model, patched, set_objective, unpatch_model

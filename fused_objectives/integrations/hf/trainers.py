@@ -16,7 +16,8 @@ than the patched objective without a word:
 The trainer is the ``self`` of the nearest ``compute_loss`` (or ``prediction_step``) frame that is a
 ``transformers.Trainer``; only its public attributes are read (``label_smoother``,
 ``compute_loss_func``, ``args.loss_type``) and ``prediction_step``'s documented ``prediction_loss_only``
-argument.  Nothing is looked up unless ``transformers.trainer`` was imported.
+argument.  Nothing is looked up unless ``transformers.trainer`` was imported (nor while torch.compile
+traces the forward: Trainer's ``compute_loss`` runs eagerly around a compiled model's call).
 """
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ import sys
 import warnings
 import weakref
 from typing import Optional, Tuple
+
+import torch
 
 _MAX_DEPTH = 48  # frames between a Trainer method and the patched forward (accelerate / DDP / PEFT wrappers)
 _WARNED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -33,7 +36,7 @@ def _trainer_frame(method: str) -> Tuple[Optional[object], Optional[dict]]:
     """``(trainer, that frame's locals)`` of the nearest ``Trainer.<method>`` frame calling us, or ``(None, None)``."""
     module = sys.modules.get("transformers.trainer")
     trainer_cls = getattr(module, "Trainer", None)
-    if trainer_cls is None:
+    if trainer_cls is None or torch.compiler.is_compiling():  # no Trainer; nothing to trace in a graph
         return None, None
     frame = sys._getframe(1)
     try:
