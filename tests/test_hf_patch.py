@@ -622,3 +622,31 @@ def test_class_weight_must_fit_the_head_at_patch_time():
     with pytest.raises(ValueError, match=r"class_weight must have shape \[V\] = \(64,\)"):
         fo.patch_model(m, objective="nll", class_weight=torch.ones(V + 1))
     assert "_fused_objectives_patch" not in m.__dict__
+
+
+def test_eval_predictions_logits_ids_or_none():
+    """In evaluation a call with labels returns the unpatched logits (default), the argmax ids of the
+    valid positions ('ids': ignore_index elsewhere, no logits) or the loss only ('none'); training: none."""
+    m = tiny().eval()
+    inputs = batch(B=3, T=9)
+    with torch.no_grad():
+        ref = m(**inputs)
+    target = torch.cat([inputs["labels"][:, 1:], torch.full_like(inputs["labels"][:, :1], -100)], 1)
+    want_ids = torch.where(target != -100, ref.logits.double().argmax(-1), torch.full_like(target, -100))
+    fo.patch_model(m, objective="nll")
+    with torch.no_grad():
+        out = m(**inputs)
+        torch.testing.assert_close(out.logits, ref.logits)
+        torch.testing.assert_close(out.loss, ref.loss, rtol=1e-6, atol=1e-6)
+        fo.patch_model(m, objective="nll", eval_predictions="ids")
+        out = m(**inputs)
+        assert out.logits is None and torch.equal(out.predicted, want_ids)
+        assert torch.equal(m(**inputs, return_dict=False)[-1], want_ids)  # in the tuple too
+        fo.patch_model(m, objective="nll", eval_predictions="none")
+        out = m(**inputs)
+        assert out.logits is None and "predicted" not in out
+        torch.testing.assert_close(out.loss, ref.loss, rtol=1e-6, atol=1e-6)
+    fo.patch_model(m, objective="nll", eval_predictions="ids")
+    m.train()
+    out = m(**inputs)
+    assert out.logits is None and "predicted" not in out
