@@ -428,3 +428,24 @@ def test_patch_label_smoothing_trains_like_trainer_label_smoothing_factor(tmp_pa
         torch.testing.assert_close(runs["patch"][n], runs["trainer"][n], rtol=1e-5, atol=1e-6, msg=n)
         moved = max(moved, (runs["trainer"][n] - start[n]).abs().max().item())
     assert moved > 1e-3
+
+
+def test_trainer_subclass_training_on_the_logits_warns_once(tmp_path):
+    """A compute_loss of its own that calls the patched model without labels in training (as preference or RL
+    trainers do) trains on the logits, not the patched objective: one warning naming it."""
+    ids, labels = examples()
+
+    class OwnLoss(transformers.Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            labels = inputs.pop("labels")
+            logits = model(**inputs).logits
+            return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+
+    m = tiny()
+    fo.patch_model(m, objective="neg_p")
+    trainer = OwnLoss(model=m, args=_args(tmp_path, max_steps=2), train_dataset=_ListDataset(ids, labels))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    ours = [w for w in caught if "OwnLoss.compute_loss calls the model without labels" in str(w.message)]
+    assert len(ours) == 1 and "'neg_p'" in str(ours[0].message), [str(w.message) for w in caught]

@@ -9,6 +9,8 @@ than the patched objective without a word:
   being ``patch_model(..., label_smoothing=eps)`` with ``label_smoothing_factor=0``;
 - ``Trainer(compute_loss_func=f)``: the same call without labels, the loss being ``f``'s: one warning per
   trainer (the user wrote that loss on purpose, but the patched objective does not train);
+- any other ``compute_loss`` (a Trainer subclass: TRL's preference / RL trainers, a user's own) that calls
+  the model without labels in training: one warning per trainer;
 - TRL ``SFTConfig(loss_type="dft")`` (any ``loss_type`` but ``"nll"``): TRL reweights the per-token
   ``log_probs`` of its fused-head protocol, which the patch fills with the negated objective: refused
   unless that objective is the plain NLL (then ``log_probs`` are the log-probabilities).
@@ -70,15 +72,25 @@ def check_call_without_labels(model, options) -> None:
             f"fo.patch_model(model, objective=..., label_smoothing={eps}) (the fused loss then smooths the "
             f"objective, exactly F.cross_entropy(label_smoothing=...) for objective='nll').")
     if getattr(trainer, "compute_loss_func", None) is not None:
-        seen = _WARNED.setdefault(trainer, set())
-        if "compute_loss_func" not in seen:
-            seen.add("compute_loss_func")
-            warnings.warn(
-                f"{type(trainer).__name__} has a compute_loss_func: it calls the model without labels and computes "
-                f"its loss from the full logits, so the patched objective {options.objective.name!r} "
-                f"(fused_objectives) is not what trains or evaluates. Drop compute_loss_func to train the patched "
-                f"objective (the patched model returns it as its loss), or unpatch the model.",
-                UserWarning, stacklevel=3)
+        _warn_once(trainer, "compute_loss_func",
+                   f"{type(trainer).__name__} has a compute_loss_func: it calls the model without labels and computes "
+                   f"its loss from the full logits, so the patched objective {options.objective.name!r} "
+                   f"(fused_objectives) is not what trains or evaluates. Drop compute_loss_func to train the patched "
+                   f"objective (the patched model returns it as its loss), or unpatch the model.")
+    elif model.training and torch.is_grad_enabled():
+        # a Trainer subclass (TRL's DPO / GRPO / reward trainers, a user's compute_loss) training on the logits
+        _warn_once(trainer, "compute_loss",
+                   f"{type(trainer).__name__}.compute_loss calls the model without labels in training and computes "
+                   f"its loss from the full logits, so the objective {options.objective.name!r} this model is "
+                   f"patched with (fused_objectives) does not apply. Pass labels to the model to train the patched "
+                   f"objective, or unpatch the model for this trainer.")
+
+
+def _warn_once(trainer, key: str, message: str) -> None:
+    seen = _WARNED.setdefault(trainer, set())
+    if key not in seen:
+        seen.add(key)
+        warnings.warn(message, UserWarning, stacklevel=4)
 
 
 def check_trl_loss_type(model, options, objective) -> None:
