@@ -391,6 +391,7 @@ def _worker(rank, port, out, names):
                 results[name] = traceback.format_exc()
         if rank == 0:
             torch.save(results, out)
+        dist.barrier()  # no rank tears its connections down while another still uses them
     finally:
         dist.destroy_process_group()
 
@@ -530,6 +531,7 @@ def _worker2d(rank, port, out):
                 results[name] = traceback.format_exc()
         if rank == 0:
             torch.save(results, out)
+        dist.barrier()  # no rank tears its connections down while another still uses them
     finally:
         dist.destroy_process_group()
 
