@@ -254,3 +254,114 @@ class ObjectiveSumFunction(torch.autograd.Function):
             # in place: a gradient-sized copy here would be the largest extra buffer of the step
             grads.append(None if g is None else g.mul_(grad_total).to(dtype))
         return (*grads, None, None, None, None, None, None, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# One operator schema for every fused backend, for torch.compile
+#
+# Eager calls go through TargetLogprobFunction above.  Under torch.compile the same two backend
+# primitives run as two opaque operators whose schema does not depend on the backend (CPU C++,
+# Triton chunked or fused: selected by name), with fake kernels for tracing and the autograd formula
+# registered: the compiled graph holds one forward and one backward call per loss, whatever the
+# backend, and no Python launcher code is traced.  Every registered backend's ``state`` is
+# ``[3, N]`` float32 (row max, log-normaliser, log p), which is what lets the fake kernel know it.
+
+@torch.library.custom_op("fused_objectives::row_logprob", mutates_args=())
+def row_logprob_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], target: torch.Tensor,
+                   valid: torch.Tensor, logit_scale: Optional[float], softcap: Optional[float], row_stats: bool,
+                   dot: Optional[torch.Tensor], backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                       torch.Tensor]:
+    """``(logp [N], state [3, N], argmax [N], rows [3, N])`` of the named backend's forward."""
+    from .backends import registered_backend
+
+    impl = registered_backend(backend)
+    kw = {"row_stats": True} if row_stats else {}
+    if dot is not None:
+        kw["dot"] = dot
+    logp, state, argmax, rows = impl.forward(hidden, weight, bias, target, valid,
+                                             LogitOptions(logit_scale=logit_scale, softcap=softcap), **kw)
+    n = hidden.shape[0]
+    if tuple(state.shape) != (3, n):
+        raise RuntimeError(f"backend {backend!r} returned a state of shape {tuple(state.shape)}; the "
+                           f"row_logprob operator needs [3, N] float32")
+    return logp.float().clone(), state.float().clone(), argmax.clone(), _rows3(rows, n, hidden.device).clone()
+
+
+@row_logprob_op.register_fake
+def _row_logprob_fake(hidden, weight, bias, target, valid, logit_scale, softcap, row_stats, dot, backend):
+    n = hidden.shape[0]
+    f32 = torch.float32
+    return (hidden.new_empty((n,), dtype=f32), hidden.new_empty((3, n), dtype=f32),
+            hidden.new_empty((n,), dtype=torch.int64), hidden.new_empty((3, n), dtype=f32))
+
+
+@torch.library.custom_op("fused_objectives::row_logprob_backward", mutates_args=())
+def row_logprob_backward_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                            target: torch.Tensor, state: torch.Tensor, coef: torch.Tensor,
+                            logit_scale: Optional[float], softcap: Optional[float], dot: Optional[torch.Tensor],
+                            need_dx: bool, need_dw: bool, need_db: bool,
+                            backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dx, dw, db)`` of the named backend's backward (an empty tensor where not needed)."""
+    from .backends import registered_backend
+
+    impl = registered_backend(backend)
+    opts = LogitOptions(logit_scale=logit_scale, softcap=softcap)
+    needs = (need_dx, need_dw, need_db and bias is not None)
+    kw = {"dot": dot} if coef.dim() == 2 and coef.shape[0] == 3 else {}
+    grads = impl.backward(hidden, weight, bias, target, state, coef.contiguous(), opts, needs, **kw)
+    # a fresh empty tensor per missing gradient: outputs of an operator may not alias each other
+    return tuple(hidden.new_empty(0) if g is None else g.clone() for g in grads)
+
+
+@row_logprob_backward_op.register_fake
+def _row_logprob_backward_fake(hidden, weight, bias, target, state, coef, logit_scale, softcap, dot,
+                               need_dx, need_dw, need_db, backend):
+    return (torch.empty_like(hidden) if need_dx else hidden.new_empty(0),
+            torch.empty_like(weight) if need_dw else hidden.new_empty(0),
+            torch.empty_like(bias) if (need_db and bias is not None) else hidden.new_empty(0))
+
+
+def _row_logprob_setup(ctx, inputs, output):
+    hidden, weight, bias, target, valid, logit_scale, softcap, row_stats, dot, backend = inputs
+    ctx.save_for_backward(hidden, weight, bias, target, valid, output[1], dot)
+    ctx.logit_scale, ctx.softcap, ctx.backend = logit_scale, softcap, backend
+
+
+def _row_logprob_backward(ctx, g_logp, _g_state, _g_argmax, g_rows):
+    hidden, weight, bias, target, valid, state, dot = ctx.saved_tensors
+    need_dx, need_dw, need_db = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+    none = (None,) * 10
+    if not (need_dx or need_dw or need_db):
+        return none
+    zero = torch.zeros(valid.shape[0], dtype=torch.float32, device=valid.device)
+
+    def masked(g):
+        return zero if g is None else torch.where(valid, g.float(), zero)
+
+    c = masked(g_logp)
+    if g_rows is None:
+        coef = c
+    elif dot is not None:
+        coef = torch.stack([c, masked(g_rows[0]), masked(g_rows[2])])
+    else:
+        coef = torch.stack([c, masked(g_rows[0])])
+    dx, dw, db = row_logprob_backward_op(hidden, weight, bias, target, state, coef, ctx.logit_scale, ctx.softcap,
+                                         dot, need_dx, need_dw, bool(need_db and bias is not None), ctx.backend)
+    return (dx if need_dx else None, dw if need_dw else None, db if (need_db and bias is not None) else None,
+            None, None, None, None, None, None, None)
+
+
+row_logprob_op.register_autograd(_row_logprob_backward, setup_context=_row_logprob_setup)
+
+
+def compiled_logprob(hidden, weight, bias, target, valid, opts: LogitOptions, backend: str, row_stats=False,
+                     dot=None):
+    """What ``TargetLogprobFunction`` returns, through the operators above (``backend`` a name)."""
+    logp, _state, argmax, rows = row_logprob_op(hidden, weight, bias, target, valid, opts.logit_scale, opts.softcap,
+                                                bool(row_stats), dot, backend)
+    zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
+    logp = torch.where(valid, logp, zero)
+    lse = torch.where(valid, rows[0], zero)
+    dotz = torch.where(valid, rows[2], zero) if dot is not None else None
+    hit = valid & (argmax == target)
+    return logp, lse, dotz, hit, argmax, rows[1].detach()

@@ -15,9 +15,9 @@ from typing import Callable, Optional, Tuple, Union
 import torch
 
 from .autograd import ObjectiveSumFunction, TargetLogprobFunction, dot_vector, objective_coefficients, token_terms
-from .autograd import target_weights
+from .autograd import compiled_logprob, target_weights
 from .autograd import _dot_sum
-from .backends import REFERENCE, check_backend_name, reference, resolve_backend
+from .backends import REFERENCE, check_backend_name, name_of, reference, resolve_backend
 from .objectives import Objective, get_objective
 from .options import LogitOptions, LossTerms, checked_class_weight
 
@@ -230,6 +230,10 @@ def _logprob(h2, weight, bias, t1, valid, opts, impl, row_stats=False, dot=None)
     without ``dot``) differentiable, the entropy only with ``row_stats`` (else unspecified)."""
     if impl == REFERENCE:
         return reference.target_logprob(h2, weight, bias, t1, valid, opts, row_stats=row_stats, dot=dot)
+    name = name_of(impl)
+    if name is not None and torch.compiler.is_compiling():
+        # one opaque operator pair, whatever the backend (autograd.row_logprob_op)
+        return compiled_logprob(h2, weight, bias, t1, valid, opts, name, row_stats, dot)
     logp, lse, dotz, hit, argmax, ent = TargetLogprobFunction.apply(h2, weight, bias, t1, valid, opts, impl,
                                                                    row_stats, dot)
     return logp, lse, dotz if dot is not None else None, hit, argmax, ent

@@ -17,6 +17,18 @@ from truth import logits64
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
+@pytest.fixture(autouse=True)
+def _no_persistent_compile_caches():
+    """Compile from the current code: the on-disk FX-graph / AOTAutograd caches key on the traced
+    graph, not on a custom operator's Python autograd formula, so an edited formula could be
+    served from a stale cache (seen while planting a bug in autograd.row_logprob_op's backward)."""
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    with inductor_config.patch(fx_graph_cache=False), functorch_config.patch(enable_autograd_cache=False):
+        yield
+
+
 def truth64(hidden, weight, target, bias, objective, reduction, softcap, logit_scale, ignore_index=-100):
     """The definition in float64: log_softmax of the (scaled, soft-capped) logits at the target."""
     z = logits64(hidden, weight, bias, softcap=softcap, logit_scale=logit_scale)
@@ -235,14 +247,16 @@ def test_constant_marker_is_dynamos():
     assert marked is f and set(vars(f)) == {"_dynamo_marked_constant"} and f._dynamo_marked_constant is True
 
 
-@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("backend", ["auto", "reference", "triton", "triton_chunked", "triton_fused"])
 def test_fullgraph_with_loss_terms(backend):
     """z_loss, label smoothing and class weights trace into the same graph (the row sums lse and
-    u.z are outputs of the same operator) and equal eager and the float64 truth."""
+    u.z are outputs of the same operator) and equal eager and the float64 truth, on every backend:
+    the fused ones run as the one operator pair fused_objectives::row_logprob(_backward), whose
+    schema does not depend on the backend (the Triton ones under the interpreter here)."""
     import truth as T
 
     torch._dynamo.reset()
-    h, w, b, t = inputs(bias=True)
+    h, w, b, t = inputs(bias=True, H=16, V=37)
     cw = torch.rand(w.shape[0], generator=torch.Generator().manual_seed(4)) + 0.25
     kw = dict(objective="nll", z_loss=1e-2, label_smoothing=0.1, class_weight=cw, backend=backend)
 
@@ -268,3 +282,17 @@ def test_class_weight_check_raises_inside_compiled_graph():
     cw[7] = -0.5
     with pytest.raises(ValueError, match=r"class_weight must be finite and >= 0, got -0.5 at index 7"):
         fn(h, w, t, cw)
+
+
+def test_compiled_graph_holds_the_shared_operators():
+    """Under compile a fused backend is one opaque operator pair, not traced launcher code."""
+    from torch._dynamo.testing import EagerAndRecordGraphs
+
+    torch._dynamo.reset()
+    rec = EagerAndRecordGraphs()
+    h, w, b, t = inputs(H=16, V=37)
+    fn = torch.compile(lambda h, w, t: fo.linear_objective_loss(h, w, t, backend="triton_chunked", reduction="none"),
+                       backend=rec, fullgraph=True)
+    fn(h, w, t)
+    code = rec.graphs[0].code
+    assert "fused_objectives.row_logprob" in code and "triton" not in code.replace("'triton_chunked'", "")

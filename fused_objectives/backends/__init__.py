@@ -56,6 +56,21 @@ def register_backend(name: str, backend) -> None:
     _FUSED[name] = backend
 
 
+def registered_backend(name: str):
+    """The fused backend object registered as ``name`` (raises ``ValueError`` for another name)."""
+    if name not in _FUSED:
+        raise ValueError(f"no fused backend is registered as {name!r}; registered: {list(_FUSED)}")
+    return _FUSED[name]
+
+
+def name_of(impl) -> "str | None":
+    """The name under which the backend object ``impl`` is registered, or None (e.g. a wrapper)."""
+    for name, obj in _FUSED.items():
+        if obj is impl:
+            return name
+    return None
+
+
 def available_backends() -> tuple:
     return (REFERENCE,) + tuple(_FUSED)
 
