@@ -43,6 +43,7 @@ assumed identical across the group (replicated), as ``ColwiseParallel``'s input 
 """
 from __future__ import annotations
 
+import sys
 from typing import Optional, Tuple
 
 import torch
@@ -54,12 +55,10 @@ _GATHER_ROWS = 8192  # token rows per chunk of the argmax gather-dot ([rows, H] 
 
 
 def is_dtensor(x) -> bool:
-    """Whether ``x`` is a ``torch.distributed`` DTensor; imports nothing from ``torch.distributed``
-    (the check reads the class's module, so a plain tensor costs an attribute lookup)."""
-    for cls in type(x).__mro__:
-        if cls.__name__ == "DTensor" and cls.__module__.startswith("torch.distributed"):
-            return True
-    return False
+    """Whether ``x`` is a ``torch.distributed`` DTensor.  Imports nothing: no DTensor exists before
+    ``torch.distributed.tensor`` is imported; and traceable by ``torch.compile`` (no graph break)."""
+    cls = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+    return cls is not None and isinstance(x, cls)
 
 
 def _placement_names(placements) -> str:
