@@ -366,5 +366,7 @@ def test_fused_backend_rejects_bad_coefficient_shapes():
         be.backward(h, w, None, t, state, coef, LogitOptions(), (True, False, False))  # [3, N] without dot
     with pytest.raises(ValueError, match="dot"):
         be.backward(h, w, None, t, state, coef[:2], LogitOptions(), (True, False, False), dot=u)
+    with pytest.raises(ValueError, match="dot must be a"):
+        be.forward(h, w, None, t, valid, LogitOptions(), dot=u[:-1])
     with pytest.raises(ValueError, match=r"\[N\], \[2, N\] or \[3, N\]"):
         be.backward(h, w, None, t, state, torch.zeros(4, h.shape[0]), LogitOptions(), (True, False, False))

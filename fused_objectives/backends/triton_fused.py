@@ -25,6 +25,12 @@ def dot_fp32(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or (configs.interpreting() and dtype == torch.bfloat16)
 
 
+def _check_dot(dot: Optional[torch.Tensor], weight: torch.Tensor) -> None:
+    if dot is not None and (dot.dim() != 1 or dot.shape[0] != weight.shape[0] or dot.device != weight.device):
+        raise ValueError(f"dot must be a [V] = [{weight.shape[0]}] vector on {weight.device}; got shape "
+                         f"{tuple(dot.shape)} on {dot.device}")
+
+
 class TritonFusedBackend:
     """Fused Triton tile kernels: CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``."""
 
@@ -39,6 +45,7 @@ class TritonFusedBackend:
         z_j`` if ``dot``), the last two compiled in only when asked for (NaN otherwise)."""
         from ..kernels.forward import fused_forward
 
+        _check_dot(dot, weight)
         return fused_forward(hidden, weight, bias, target, valid, opts, dot_fp32(hidden.dtype),
                              entropy=row_stats, dot=dot)
 
@@ -48,5 +55,6 @@ class TritonFusedBackend:
         (c, b) or [3, N] (c, b, g; with ``dot``)."""
         from ..kernels.backward import fused_backward
 
+        _check_dot(dot, weight)
         return fused_backward(hidden, weight, bias, target, state, coef, opts, needs, dot_fp32(hidden.dtype),
                               dot=dot)
