@@ -91,12 +91,8 @@ def objective_coefficients(objective, terms: LossTerms = LossTerms(), vocab: int
     use_dot = terms.label_smoothing != 0
     dot_sum = _dot_sum(terms, dot, vocab)
 
-    def coef_fn(logp: torch.Tensor, lse: torch.Tensor, dotz: Optional[torch.Tensor] = None,
-                target: Optional[torch.Tensor] = None, valid: Optional[torch.Tensor] = None):
-        if valid is None:  # TRANSITION (removed once every backend calls the five-argument form)
-            if use_lse or terms.class_weight is not None:
-                raise NotImplementedError("this backend does not support the loss terms yet")
-            valid, lse = lse, None
+    def coef_fn(logp: torch.Tensor, lse: torch.Tensor, dotz: Optional[torch.Tensor], target: torch.Tensor,
+                valid: torch.Tensor):
         with torch.enable_grad():
             lp = logp.detach().requires_grad_()
             ls = lse.detach().float().requires_grad_() if use_lse else None
@@ -116,15 +112,6 @@ def objective_coefficients(objective, terms: LossTerms = LossTerms(), vocab: int
 
 def _backend_name(backend) -> str:
     return getattr(backend, "name", type(backend).__name__)
-
-
-def _rows3(rows: Optional[torch.Tensor], n: int, device) -> torch.Tensor:
-    if rows is not None and rows.shape[0] == 3:
-        return rows
-    out = torch.zeros(3, n, dtype=torch.float32, device=device)
-    if rows is not None:
-        out[:rows.shape[0]] = rows
-    return out
 
 
 def _differentiable_grads(hidden, weight, bias, target, valid, coef, opts, needs, dot):
@@ -156,9 +143,7 @@ class TargetLogprobFunction(torch.autograd.Function):
         kw = {"row_stats": True} if row_stats else {}
         if dot is not None:
             kw["dot"] = dot
-        out = backend.forward(hidden, weight, bias, target, valid, opts, **kw)
-        logp, state, argmax = out[:3]
-        rows = _rows3(out[3] if len(out) > 3 else None, logp.shape[0], logp.device)
+        logp, state, argmax, rows = backend.forward(hidden, weight, bias, target, valid, opts, **kw)
         zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
         logp = torch.where(valid, logp, zero)
         lse = torch.where(valid, rows[0], zero)
@@ -221,9 +206,8 @@ class ObjectiveSumFunction(torch.autograd.Function):
         kw = {"row_stats": True} if row_stats else {}
         if dot is not None:
             kw["dot"] = dot
-        out = backend.forward_with_grad(hidden, weight, bias, target, valid, opts, coef_fn, needs, **kw)
-        total, logp, kept, argmax, dx, dw, db = out[:7]
-        rows = _rows3(out[7] if len(out) > 7 else None, logp.shape[0], logp.device)
+        total, logp, kept, argmax, dx, dw, db, rows = backend.forward_with_grad(hidden, weight, bias, target, valid,
+                                                                                 opts, coef_fn, needs, **kw)
         hit = valid & (argmax == target)
         ctx.save_for_backward(dx, dw, db)
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
@@ -284,7 +268,7 @@ def row_logprob_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[to
     if tuple(state.shape) != (3, n):
         raise RuntimeError(f"backend {backend!r} returned a state of shape {tuple(state.shape)}; the "
                            f"row_logprob operator needs [3, N] float32")
-    return logp.float().clone(), state.float().clone(), argmax.clone(), _rows3(rows, n, hidden.device).clone()
+    return logp.float().clone(), state.float().clone(), argmax.clone(), rows.float().clone()
 
 
 @row_logprob_op.register_fake

@@ -1,40 +1,45 @@
 """Backends: ``reference`` (PyTorch autograd on materialised logits) and fused backends.
 
-A fused backend implements the two primitives every objective needs (see objectives.md):
+Every loss is a function of three per-token statistics of the final logits ``z`` (after scale and
+soft-cap): ``logp_i = z_i[y_i] - lse_i``, ``lse_i = logsumexp(z_i)`` and, with a ``[V]`` float32
+dot vector ``u`` (label smoothing: ones or the class weights), ``dotz_i = u . z_i``.  The gradient
+of ``sum_i c_i logp_i + b_i lse_i + g_i dotz_i`` on the logits is ``dz_i = c_i (onehot(y_i) - p_i) +
+b_i p_i + g_i u``, computed at the target column as ``c_i (1 - p_iy) + b_i p_iy + g_i u_y`` with
+``1 - p`` from the forward's ``log p`` (``-expm1``: confident tokens keep their digits).  A fused
+backend implements that one generalised epilogue in two primitives:
 
-- ``forward(hidden [N, H], weight [V, H], bias [V] | None, target [N] int64, valid [N] bool, opts)``
-  -> ``(logp [N] f32, state, argmax [N] int64)``: the target log-probability, a tensor of the
-  backend's choosing that its backward needs (e.g. the row max and log-normaliser), and the argmax.
-  Rows where ``valid`` is False may hold anything; a valid token whose target is outside ``[0, V)``
-  must give a NaN log-probability (never an out-of-bounds read).
-- ``backward(hidden, weight, bias, target, state, coef [N] f32, opts, needs=(dx, dw, db))``
-  -> gradients of ``sum_i coef_i * logp_i`` (None where not needed), in the input dtypes;
-  tokens with ``coef == 0`` must cost nothing and their lse/target must not be read.
+- ``forward(hidden [N, H], weight [V, H], bias [V] | None, target [N] int64, valid [N] bool, opts,
+  row_stats=False, dot=None)`` -> ``(logp [N] f32, state [3, N] f32, argmax [N] int64, rows [3, N] f32)``:
+  ``rows = (lse, entropy, dotz)``; the entropy (one more exp-weighted sum per logit, rescaled like the
+  sum-exp when the max grows: ``S -> e^dm (S + dm * sumexp)``) only with ``row_stats``, ``dotz`` only
+  with ``dot``; neither is computed otherwise.  ``state`` is what the backward needs (every built-in
+  backend: row max, log-normaliser, log p; the compiled path's operator relies on that shape).  Rows
+  where ``valid`` is False may hold anything; a valid token whose target is outside ``[0, V)`` must give
+  a NaN log-probability (never an out-of-bounds read).
+- ``backward(hidden, weight, bias, target, state, coef, opts, needs=(dx, dw, db), dot=None)`` ->
+  gradients of ``sum_i c_i logp_i + b_i lse_i + g_i dotz_i`` (None where not needed), in the input
+  dtypes; ``coef`` f32 is ``[N]`` (c; b = g = 0, the plain objectives), ``[2, N]`` (c, b) or ``[3, N]``
+  (c, b, g; with ``dot``).  Tokens whose coefficients are all zero must cost nothing and their
+  lse/target must not be read.
 - ``unavailable_reason(device)`` -> None when it can run on that device, else a message.
 
 Optionally, for losses reduced to a scalar (gradients computed while the logits are at hand):
 
-- ``forward_with_grad(hidden, weight, bias, target, valid, opts, coef_fn, needs=(dx, dw, db))``
-  -> ``(total, logp, kept, argmax, dx, dw, db)``: ``coef_fn(logp, valid) -> (sum of per-token
-  losses, kept, dSum/dlogp)`` (``autograd.objective_coefficients``) is called on each token chunk's
-  ``[rows]`` vectors; ``dx, dw, db`` are the gradients of ``total`` (None where not needed), which
-  the autograd layer scales by the upstream scalar and casts to the input dtypes.
+- ``forward_with_grad(hidden, weight, bias, target, valid, opts, coef_fn, needs, row_stats=False,
+  dot=None)`` -> ``(total, logp, kept, argmax, dx, dw, db, rows [3, N])``: ``coef_fn(logp, lse, dotz |
+  None, target, valid) -> (sum of per-token losses, kept, coef)`` (``autograd.objective_coefficients``)
+  is called on each token chunk's ``[rows]`` vectors, ``coef`` shaped as in ``backward``; ``dx, dw,
+  db`` are the gradients of ``total``, which the autograd layer scales by the upstream scalar.
 - ``grad_in_forward(dtype) -> bool``: whether ``forward_with_grad`` should be used for inputs of
   ``dtype`` (absent: always); e.g. ``triton`` declines fp16, whose per-token path is cheaper.
-- ``name``: the backend's name, used in error messages (e.g. the double-backward refusal).
+- ``name``: the backend's name, used in error messages (e.g. the double-backward refusal);
+  ``supports_double_backward = False`` makes ``create_graph=True`` raise (a vocabulary shard).
 
-Row statistics (``return_stats=True``: ``LossStats.lse`` / ``entropy`` / ``predicted``): ``forward``
-and ``forward_with_grad`` take a keyword ``row_stats: bool = False``; when True they return one more
-value, ``rows [2, N] f32 = (logsumexp, softmax entropy)`` of each token's final logits (after scale
-and soft-cap), from the same pass (rows where ``valid`` is False may hold anything; the argmax is
-the one already returned).  With ``m`` the row max the entropy is
-``log(sum_j e^(z_j - m)) - sum_j e^(z_j - m) (z_j - m) / sum_j e^(z_j - m)``: one more per-row
-accumulator, rescaled like the sum-exp when the max grows (``S -> e^dm (S + dm * sumexp)``), whose
-argmax term is exactly 0.  It costs an exp-weighted sum per logit, so the default call
-(``row_stats=False``) must not compute it.  A backend without the keyword fails only
-``return_stats=True`` calls.
-
-The autograd layer (``fused_objectives/autograd.py``) is the only caller.
+The autograd layer (``fused_objectives/autograd.py``) is the only caller, eagerly through its
+autograd Functions and under ``torch.compile`` through the operators ``fused_objectives::row_logprob``
+/ ``row_logprob_backward`` (one schema for every registered backend, chosen by name);
+``fused_objectives/parallel.py`` wraps a backend for a vocabulary-sharded (DTensor) head.
+``reference.ReferenceBackend`` is the contract on materialised logits, an executable specification.
 """
 from __future__ import annotations
 
