@@ -12,6 +12,9 @@ The tests check that the sharding really happened (the head's weight is a ``Shar
 ZeRO-3's empty placeholder outside the head's call), so a setup that silently fell back to
 replicated weights cannot pass.
 """
+import datetime
+import faulthandler
+import gc
 import importlib.util
 import os
 
@@ -206,12 +209,17 @@ def _worker(rank, case, store, out, kwargs):
     # a file store for the rendezvous: no TCP port to pick (and lose to another process) in between
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_WORLD_SIZE=str(WORLD),
                       MASTER_ADDR="127.0.0.1", DS_ACCELERATOR="cpu")
+    faulthandler.enable()  # a rank that aborts in native code prints where it was
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    # a collective that waits for a dead rank fails in 5 minutes, not gloo's default 30
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(minutes=5))
     try:
         result = _CASES[case](rank, **kwargs)
         if rank == 0:
             torch.save(result, out)
+        gc.collect()  # the engines' objects (and any work they hold) go before the group does
+        dist.barrier()  # no rank tears the group down while another is still in a collective
     finally:
         dist.destroy_process_group()
 

@@ -151,7 +151,7 @@ def _distributed_truth(mod, args):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2", "tp"])
 def test_distributed(engine):
     """examples/distributed.py on 2 gloo ranks (it re-runs itself under torchrun): exit status 0, and
     the losses it prints equal a float64 run of the unsharded, unpatched model."""
@@ -161,8 +161,11 @@ def test_distributed(engine):
 
     objective = "nll"  # on a random model -p's gradient is ~1/vocab of NLL's: NLL's losses move more
     argv = ["--engine", engine, "--objective", objective, "--steps", "3", "--cpu"]
+    # the ranks import this checkout's package, whatever else is installed
+    root = os.path.dirname(os.path.abspath(EXAMPLES))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run([sys.executable, os.path.join(EXAMPLES, "distributed.py"), "--nproc", "2", *argv],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"engine {engine}: 2 ranks (cpu), objective {objective}, 3 SGD steps" in proc.stdout, proc.stdout
     assert "OK: every step's loss equals the single-process run's" in proc.stdout, proc.stdout
