@@ -5,14 +5,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-import sys
 from collections import OrderedDict
 from typing import Optional
 
 import torch
 
 from ...functional import linear_objective_loss
-from ...parallel import head_output_like
+from ...parallel import head_output_like, is_dtensor, local_view
 from .head import _apply_transform, _check_head, _head_params, _logit_transform, _text_config
 from .refusals import UnsupportedModelError, _refuse
 from .state import _ACTIVE, _MISSING, _PatchState, _active_depth
@@ -46,18 +45,6 @@ def _tie(value, anchor):
     if torch.is_grad_enabled() and (value.requires_grad or anchor.requires_grad):
         return _Tie.apply(value, anchor)
     return value
-
-
-def _is_dtensor(x) -> bool:
-    """A ``torch.distributed`` DTensor (a tensor-parallel head)?  Imports nothing, and torch.compile traces it
-    without a graph break (no DTensor can exist before ``torch.distributed.tensor`` is imported)."""
-    cls = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
-    return cls is not None and isinstance(x, cls)
-
-
-def _local_view(x):
-    """This rank's part of ``x`` (``to_local()``, differentiable) when it is a DTensor, else ``x``."""
-    return x.to_local() if _is_dtensor(x) else x
 
 
 def _same(a, b) -> bool:
@@ -155,7 +142,7 @@ class _Call:
         else:
             probe = torch.tensor(_PROBE, dtype=out_dtype, device=x.device)
             stand = probe.expand(*x.shape[:-1], len(_PROBE))
-            if _is_dtensor(weight):  # a vocabulary-parallel head's output hook expects its sharded layout
+            if is_dtensor(weight):  # a vocabulary-parallel head's output hook expects its sharded layout
                 stand = head_output_like(stand, weight)
         self.stand_in = stand
         self.head_done = True
@@ -209,7 +196,7 @@ class _Call:
             if not reads_width or (isinstance(unpadded, int) and unpadded < self.vocab):
                 _refuse(model, f"its loss is over vocab_size={unpadded if reads_width else vocab_size} but its "
                                f"LM head has {self.vocab} rows")
-        stand_in, logits = _local_view(self.stand_in), _local_view(logits)  # a vocabulary-parallel head: this rank's
+        stand_in, logits = local_view(self.stand_in), local_view(logits)  # a vocabulary-parallel head: this rank's
         if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != tuple(stand_in.shape):
             got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
             _refuse(model, f"its forward reshapes or slices the logits before its loss (head output "
