@@ -203,6 +203,7 @@ def run_rank(args):
             if data_parallel:  # the ranks' shares of the global loss
                 dist.all_reduce(total)
             losses.append(total.item())
+        dist.barrier()  # no rank tears the group down while another is still in a collective
         return losses, world, device
     finally:
         dist.destroy_process_group()
