@@ -375,12 +375,12 @@ def test_bench_rejects_a_provider_wrong_on_its_last_chunk(monkeypatch):
     monkeypatch.setattr(cpu_backend.BACKEND, "budget_bytes", 64 * 130 * 4)  # 64-token chunks at V = 130
     real = cpu_backend.BACKEND.forward_with_grad
 
-    def last_chunk_loss(hidden, weight, bias, target, valid, opts, coef_fn, needs):
-        out = list(real(hidden, weight, bias, target, valid, opts, coef_fn, needs))
+    def last_chunk_loss(hidden, weight, bias, target, valid, opts, coef_fn, needs, **kw):  # kw: row_stats, dot
+        out = list(real(hidden, weight, bias, target, valid, opts, coef_fn, needs, **kw))
         idx = valid.nonzero().squeeze(1)
         last = torch.zeros_like(valid)
         last[idx[(idx.numel() - 1) // 64 * 64:]] = True
-        out[0] = real(hidden, weight, bias, target, last, opts, coef_fn, (False, False, False))[0]
+        out[0] = real(hidden, weight, bias, target, last, opts, coef_fn, (False, False, False), **kw)[0]
         return tuple(out)
 
     monkeypatch.setattr(cpu_backend.BACKEND, "forward_with_grad", last_chunk_loss)
