@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import sys
 from dataclasses import dataclass, fields
 from typing import Callable, Optional, Tuple, Union
 
@@ -19,6 +18,7 @@ from .autograd import compiled_logprob, target_weights
 from .autograd import _dot_sum
 from .backends import REFERENCE, check_backend_name, name_of, reference, resolve_backend
 from .objectives import Objective, get_objective
+from . import parallel
 from .options import LogitOptions, LossTerms, checked_class_weight
 
 __all__ = ["linear_objective_loss", "target_logprob", "LossStats", "validate_options"]
@@ -181,13 +181,6 @@ def _valid_targets_fake(target, vocab, ignore_index):
     return torch.empty_like(target, dtype=torch.bool)
 
 
-def _is_dtensor(t) -> bool:
-    """Whether ``t`` is a ``torch.distributed`` DTensor, without importing torch.distributed (a
-    DTensor exists only once its module is loaded)."""
-    mod = sys.modules.get("torch.distributed.tensor")
-    return mod is not None and isinstance(t, mod.DTensor)
-
-
 def _prepare(hidden, weight, target, bias, ignore_index, shift, softcap, logit_scale, backend):
     """Validate, flatten to 2-D and resolve the backend: ``(h2, t1, valid, opts, backend, shape, weight,
     bias)`` (a DTensor weight / bias comes back as this rank's local shard, with a backend that
@@ -196,10 +189,8 @@ def _prepare(hidden, weight, target, bias, ignore_index, shift, softcap, logit_s
     opts = LogitOptions(logit_scale=logit_scale, softcap=softcap)
     impl = resolve_backend(backend, hidden.device)
     V = weight.shape[0]
-    if _is_dtensor(weight) or _is_dtensor(hidden):
+    if parallel.is_dtensor(weight) or parallel.is_dtensor(hidden):
         # vocabulary-parallel: each rank computes its shard's statistics (parallel.py)
-        from . import parallel
-
         hidden, weight, bias, impl = parallel.localize(hidden, weight, bias, impl)
     shape = tuple(target.shape)
     target = target.long()
