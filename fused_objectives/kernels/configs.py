@@ -81,9 +81,10 @@ ENTROPY_FORWARD_CONFIGS = {
 # Triton 3.9); the 64-row entropy tile does not.
 SOFTCAP_FORWARD_CONFIGS = {("half", 90): FORWARD_ENTROPY_HALF}
 # The backward with the lse / dot coefficients (HAS_B, HAS_DOT: z-loss, label smoothing), where the
-# classic config spills with them: IEEE fp32 on sm_90a with every feature spilled 8 B with 4 warps
-# (Triton 3.9, 168 registers); 8 warps: 141 (3.9) / 147 (3.6) registers, no spill.
-BACKWARD_IEEE_TERMS_SM90 = KernelConfig(64, 32, 16, 8, 2)  # (16,384 B)
+# classic config spills with them: IEEE fp32 on sm_90a with every feature spilled 8 B with 2 stages
+# (Triton 3.9, 168 registers); 8 warps and 2 stages spilled 16 B under Triton 3.6 (dX+dW with b only);
+# 1 stage (the classic tile and warps): 164-166 registers on both versions for every terms combination.
+BACKWARD_IEEE_TERMS_SM90 = KernelConfig(64, 32, 16, 4, 1)  # (12,288 B)
 TERMS_BACKWARD_CONFIGS = {("ieee", 90): BACKWARD_IEEE_TERMS_SM90}
 INTERPRET = KernelConfig(block_n=16, block_v=32, block_h=16, num_warps=1, num_stages=1)
 
