@@ -240,7 +240,7 @@ class VocabParallelBackend:
         own = own & valid
         dot_local = self._local_dot(dot)
         rows = [torch.zeros(n, **f64) for _ in range(4 + int(row_stats) + int(dot is not None))]
-        if self.size > 0:
+        if self.size > 0 and n > 0:
             logp_l, self._inner_state, am_l, st = self.inner.forward(
                 hidden, weight, bias, t_local, valid, opts, row_stats=row_stats, dot=dot_local)
             zero = torch.zeros((), **f64)
@@ -254,7 +254,7 @@ class VocabParallelBackend:
                 k += 1
             if dot is not None:
                 rows[k] = torch.where(valid, st[2].double(), zero)
-        else:  # a rank without rows: no mass, no candidate for the argmax
+        else:  # a rank without rows (or no tokens): no mass, no candidate for the argmax
             rows[0].fill_(float("-inf"))
             rows[2].fill_(float("-inf"))
         mine = torch.stack(rows)
@@ -309,7 +309,7 @@ class VocabParallelBackend:
         b_local = torch.where(own, c * omr + r * b, r * (b - c))
         parts = [c_local, b_local] + ([g] if g is not None else [])
         coef_local = torch.stack(parts).contiguous()
-        if self.size > 0:
+        if self.size > 0 and target.shape[0] > 0:
             dx, dw, db = self.inner.backward(hidden, weight, bias, t_local, self._inner_state, coef_local, opts,
                                              needs, dot=self._local_dot(dot) if g is not None else None)
         else:

@@ -106,7 +106,7 @@ def _inputs(n, h, v, seed, dtype=torch.float32, confident=False):
         hid = (20.0 * w[t].double() + 0.01 * torch.randn(n, h, generator=g, dtype=torch.float64)).to(dtype)
         b = b * 0.01
     valid = torch.ones(n, dtype=torch.bool)
-    valid[1] = False
+    valid[1:2] = False
     t = torch.where(valid, t, torch.full_like(t, -100))
     coef = torch.randn(3, n, generator=g)
     coef[:, ~valid] = 0
@@ -209,6 +209,8 @@ FUNCTIONAL = {
     "cpu_gated_stats": ("cpu", dict(objective="nll_top:0.1", return_stats=True, logit_scale=1.3)),
     "cpu_terms_none": ("cpu", dict(reduction="none", z_loss=1e-2, label_smoothing=0.1, class_weight=True)),
     "cpu_bf16": ("cpu", dict(objective="neg_p", dtype=torch.bfloat16, z_loss=1e-3)),
+    "cpu_3d_shift": ("cpu", dict(shape=(2, 6), shift=True, return_stats=True)),
+    "cpu_no_tokens": ("cpu", dict(shape=(0,), z_loss=1e-3)),
 }
 # bf16: both sides round the same bf16 GEMM inputs; the sharded dX adds the ranks' bf16 partials
 TOLERANCE = {"cpu_bf16": dict(rtol=2e-2, atol=2e-3)}
@@ -223,12 +225,14 @@ def _functional(mesh, backend, kw):
 
     kw = dict(kw)
     use_bias, hidden_dt = kw.pop("bias", True), kw.pop("hidden_dtensor", False)
-    n, h, v = 12, 6, 9  # 9 rows: 5 + 4
+    shape = kw.pop("shape", (12,))
+    n, h, v = torch.Size(shape).numel(), 6, 9  # 9 rows: 5 + 4
     hid, w, b, t, valid, _ = _inputs(n, h, v, seed=5, dtype=kw.pop("dtype", torch.float32))
+    hid, t = hid.reshape(*shape, h), t.reshape(shape)
     g = torch.Generator().manual_seed(6)
     if kw.get("class_weight") is True:
         kw["class_weight"] = torch.rand(v, generator=g) + 0.5
-    upstream = torch.rand(n, generator=g)
+    upstream = torch.rand(shape, generator=g)
     out = {}
 
     def run(weight, bias, hidden):
