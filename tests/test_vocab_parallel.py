@@ -351,30 +351,38 @@ def _grad_pairs(model, ref, scale=1.0):
 
 
 def _case_llama_tp(rank, mesh):
-    """A patched tiny Llama whose lm_head is ColwiseParallel (output Shard(-1), DTensor or local output):
-    every rank runs the whole batch; loss and every gradient equal the unsharded model's."""
+    """A patched tiny Llama whose lm_head is ColwiseParallel (output Shard(-1), DTensor or local output;
+    input replicated or sequence-sharded): every rank runs the whole batch; loss and every gradient
+    equal the unsharded model's."""
     try:
         import transformers  # noqa: F401
     except ImportError:
         return "skip: transformers is not installed"
-    from torch.distributed.tensor import Shard
-    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleOutput, parallelize_module
 
     import fused_objectives as fo
 
     ids, labels, n_items = _llama_batch()
     res = {}
-    for objective, local_output, backend in (("neg_p", False, "reference"), ("nll", True, "auto")):
+    variants = (("neg_p", False, "reference", False), ("nll", True, "auto", False), ("neg_p", False, "auto", True))
+    for objective, local_output, backend, seq_parallel in variants:
         ref, ref_loss = _llama_reference(objective)
         m = _tiny_llama()
-        parallelize_module(m, mesh, {"lm_head": ColwiseParallel(output_layouts=Shard(-1),
-                                                                use_local_output=local_output)})
+        plan = {"lm_head": ColwiseParallel(output_layouts=Shard(-1), use_local_output=local_output)}
+        if seq_parallel:
+            # torchtitan's head input: the final norm's output sharded over the sequence; the head's
+            # own input hook gathers it (Shard(1) -> Replicate) before the fused loss sees it
+            plan = {"model.norm": PrepareModuleOutput(output_layouts=Replicate(), desired_output_layouts=Shard(1)),
+                    "lm_head": ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1),
+                                               use_local_output=local_output)}
+        parallelize_module(m, mesh, plan)
         fo.patch_model(m, objective=objective, backend=backend)
         loss = m(input_ids=ids, labels=labels, num_items_in_batch=n_items).loss
         loss.backward()
         pairs = {"loss": (loss.detach(), ref_loss)}
         pairs.update(_grad_pairs(m, ref))
-        res[f"{objective} local_output={local_output} backend={backend}"] = pairs
+        res[f"{objective} local_output={local_output} backend={backend} seq_parallel={seq_parallel}"] = pairs
     return res
 
 
