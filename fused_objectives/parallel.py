@@ -20,7 +20,9 @@ float64 block (no ``[N, V]`` tensor, no weight gather) then gives, on every rank
 - ``H = sum_k r_k (H_k + LSE - lse_k)`` with ``r_k = exp(lse_k - LSE)``;
 - ``dotz = sum_k dotz_k``;
 - the global argmax: the shard maxima's values (the local argmax row's logit, from an ``[N, H]``
-  gather-dot, transforms applied) compared across ranks, ties going to the lower index.
+  gather-dot in float32, transforms applied) compared across ranks, ties going to the lower index
+  (two shards' maxima closer than the GEMMs' rounding may be ordered differently than in an
+  unsharded pass, as two GEMM tilings may).
 
 Backward of ``sum_i c_i logp_i + b_i lse_i + g_i dotz_i``: on the shard the logit gradient is
 ``c [y in shard] onehot - (c - b) r p_local + g u``, which is the inner backend's formula with
@@ -51,7 +53,7 @@ import torch
 __all__ = ["is_dtensor", "localize", "VocabParallelBackend", "head_output_like", "local_view"]
 
 _HALF = (torch.float16, torch.bfloat16)
-_GATHER_ROWS = 8192  # token rows per chunk of the argmax gather-dot ([rows, H] at a time)
+_GATHER_ROWS = 2048  # token rows per chunk of the argmax gather-dot (fp32 [rows, H] copies at a time)
 
 
 def is_dtensor(x) -> bool:
