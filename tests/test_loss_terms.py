@@ -238,3 +238,16 @@ def test_out_of_range_target_with_class_weight_is_nan_on_cuda():
     t[2] = V + 3
     loss = fo.linear_objective_loss(h, w, t, class_weight=weights().cuda(), label_smoothing=0.1)
     assert torch.isnan(loss)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_reference_backend_empty_batch(k):
+    """The contract's executable specification takes an empty batch with any coefficient layout."""
+    from fused_objectives.backends.reference import BACKEND
+    from fused_objectives.options import LogitOptions
+
+    w = torch.randn(5, 4, requires_grad=True)
+    coef = torch.zeros(0) if k == 1 else torch.zeros(k, 0)
+    dx, dw, db = BACKEND.backward(torch.zeros(0, 4), w, None, torch.zeros(0, dtype=torch.long), None, coef,
+                                  LogitOptions(), (True, True, False), dot=torch.ones(5))
+    assert dx.shape == (0, 4) and torch.equal(dw, torch.zeros(5, 4)) and db is None

@@ -115,7 +115,7 @@ class ReferenceBackend:
         return logp.float(), None, argmax, rows
 
     def backward(self, hidden, weight, bias, target, state, coef, opts: LogitOptions, needs, dot=None):
-        coef = coef.reshape(-1, coef.shape[-1])
+        coef = coef if coef.dim() == 2 else coef[None]  # [K, N] (a reshape cannot infer K when N = 0)
         active = (coef != 0).any(dim=0)
         wanted = [(i, t) for i, (t, n) in enumerate(zip((hidden, weight, bias), needs)) if n and t is not None]
         with torch.enable_grad():
