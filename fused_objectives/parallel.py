@@ -4,7 +4,7 @@ A weight that is a ``torch.distributed`` DTensor with placement ``Shard(0)`` (on
 one dimension of a larger mesh whose other dimensions are ``Replicate``; torchtitan's
 ``ColwiseParallel`` LM head) is handled by :func:`localize`: the functional layer hands it the
 DTensor weight (and bias) and the resolved backend, and gets back the local tensors and a
-:class:`VocabParallelBackend` that implements the backend contract (v2, ``coord/contract.md``) on
+:class:`VocabParallelBackend` that implements the backend contract (``backends/__init__.py``) on
 the local shard and combines the per-token statistics across the tensor-parallel group.  Every
 objective, reduction and option of the functional layer therefore works unchanged.
 

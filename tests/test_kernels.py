@@ -202,7 +202,7 @@ def test_gpu_row_kernel_configs_compute_the_same(monkeypatch):
 # ---------------------------------------------------------------- backend contract v2, called directly
 # The fused strategy's forward rows (lse, entropy, dotz = sum_j u_j z_j) and its backward with the
 # coefficient rows (c, b, g) of sum_i c_i logp_i + b_i lse_i + g_i dotz_i, against float64 written from
-# the definitions (contract.md): z materialised in float64, gradients by torch.autograd.
+# the definitions (fused_objectives/backends/__init__.py): z materialised in float64, gradients by torch.autograd.
 
 def _fused_backend():
     from fused_objectives.backends import _FUSED

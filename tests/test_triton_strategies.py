@@ -437,7 +437,7 @@ def test_triton_routes_fp16_scalar_losses_to_the_per_token_path(monkeypatch):
 
 
 # ---------------------------------------------------------------- backend contract v2, called directly
-# (coef [N] | [2, N] | [3, N] = (c, b, g) on (logp, lse, dotz); /work/coord/contract.md)
+# (coef [N] | [2, N] | [3, N] = (c, b, g) on (logp, lse, dotz); fused_objectives/backends/__init__.py)
 
 from fused_objectives.backends import _FUSED  # noqa: E402
 from fused_objectives.kernels import rows as row_kernels  # noqa: E402

@@ -12,7 +12,7 @@ of ``rows`` tokens:
    log1p(rest)``, ``lse = m + log_norm``, ``logp = z_t - m - log_norm``, ``1 - p = -expm1(logp)``
    (confident tokens keep their digits), and the loss's coefficients through ``coef_fn(logp, lse,
    dotz, target, valid)``: ``c = dSum/dlogp`` and optionally ``b = dSum/dlse``, ``g = dSum/ddotz``
-   (autograd on the ``[rows]`` vectors; backend contract v2, /work/coord/contract.md);
+   (autograd on the ``[rows]`` vectors; the backend contract in ``backends/__init__.py``);
 3. ``dz_kernel`` overwrites the buffer in place with ``c (onehot - p) + b p + g u`` (times the
    soft-cap's ``1 - tanh^2`` and ``logit_scale``) in the input dtype (the ``b`` / ``u`` terms are
    compile-time switches: the classic ``[rows]`` coefficient compiles to the ``c`` kernel alone);
