@@ -175,34 +175,47 @@ def _wrap(args, model, device, world):
     return engine, lambda loss: engine.backward(loss * world), engine.step, lambda: None
 
 
-def run_rank(args):
+def train(args, device, rank, world):
     """Train on this rank; returns the global loss of every step (on every rank)."""
     import torch.distributed as dist
 
     import fused_objectives as fo
 
+    data_parallel = args.engine != "tp"
+    if data_parallel and args.rows % world:
+        raise ValueError(f"--rows {args.rows} is not a multiple of the {world} ranks")
+    model = build_model(args)
+    fo.patch_model(model, objective=args.objective)
+    module, backward, step, zero_grad = _wrap(args, model, device, world)
+    mine = slice(rank * args.rows // world, (rank + 1) * args.rows // world) if data_parallel else slice(None)
+    ids, mask, labels = batch(args)
+    losses = []
+    for _ in range(args.steps):
+        zero_grad()
+        loss = module(input_ids=ids[mine].to(device), attention_mask=mask[mine].to(device),
+                      labels=labels[mine].to(device), num_items_in_batch=scored_tokens(labels)).loss
+        backward(loss)  # data parallel: the engines average the ranks' gradients, backward scales by `world`
+        step()
+        total = loss.detach().float().clone()
+        if data_parallel:  # the ranks' shares of the global loss
+            dist.all_reduce(total)
+        losses.append(total.item())
+    return losses
+
+
+def run_rank(args):
+    """One rank: set up, train, tear down; returns (losses, world size, device)."""
+    import gc
+
+    import torch.distributed as dist
+
     device = _setup(args)
     try:
-        rank, world = dist.get_rank(), dist.get_world_size()
-        data_parallel = args.engine != "tp"
-        if data_parallel and args.rows % world:
-            raise ValueError(f"--rows {args.rows} is not a multiple of the {world} ranks")
-        model = build_model(args)
-        fo.patch_model(model, objective=args.objective)
-        module, backward, step, zero_grad = _wrap(args, model, device, world)
-        mine = slice(rank * args.rows // world, (rank + 1) * args.rows // world) if data_parallel else slice(None)
-        losses = []
-        for s in range(args.steps):
-            ids, mask, labels = batch(args)
-            zero_grad()
-            loss = module(input_ids=ids[mine].to(device), attention_mask=mask[mine].to(device),
-                          labels=labels[mine].to(device), num_items_in_batch=scored_tokens(labels)).loss
-            backward(loss)  # data parallel: the engines average the ranks' gradients, backward scales by `world`
-            step()
-            total = loss.detach().float().clone()
-            if data_parallel:  # the ranks' shares of the global loss
-                dist.all_reduce(total)
-            losses.append(total.item())
+        world = dist.get_world_size()
+        losses = train(args, device, dist.get_rank(), world)
+        # the engine's objects hold the process group: free them first, so that the group is really
+        # destroyed below and not at interpreter exit (where gloo's worker threads can abort the process)
+        gc.collect()
         dist.barrier()  # no rank tears the group down while another is still in a collective
         return losses, world, device
     finally:
