@@ -219,7 +219,12 @@ def run_rank(args):
         dist.barrier()  # no rank tears the group down while another is still in a collective
         return losses, world, device
     finally:
-        dist.destroy_process_group()
+        if args.engine == "zero3":  # DeepSpeed keeps references to its groups, which its destroy releases
+            import deepspeed.comm
+
+            deepspeed.comm.destroy_process_group()
+        else:
+            dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------- report

@@ -17,6 +17,7 @@ import faulthandler
 import gc
 import importlib.util
 import os
+import sys
 
 import pytest
 import torch
@@ -221,7 +222,19 @@ def _worker(rank, case, store, out, kwargs):
         gc.collect()  # the engines' objects (and any work they hold) go before the group does
         dist.barrier()  # no rank tears the group down while another is still in a collective
     finally:
-        dist.destroy_process_group()
+        _destroy_group()
+
+
+def _destroy_group():
+    """Destroys the process group now, not at interpreter exit (where gloo's worker threads can abort
+    a finished rank): DeepSpeed keeps references to its groups, which its own destroy releases."""
+    if "deepspeed" in sys.modules:
+        import deepspeed.comm
+
+        if deepspeed.comm.is_initialized():
+            deepspeed.comm.destroy_process_group()
+            return
+    dist.destroy_process_group()
 
 
 def _spawn(case, tmp_path, **kwargs):
