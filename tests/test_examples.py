@@ -178,3 +178,18 @@ def test_distributed(engine):
     want = _distributed_truth(mod, mod.parse_args(argv))
     assert len(got) == 3
     assert got == pytest.approx(want, rel=2e-6), (got, want)
+
+
+def test_distributed_report_flags_a_mismatch(capsys):
+    """The example's check itself: a step off by more than --rtol is flagged (the exit status follows
+    the count), equal losses are not."""
+    pytest.importorskip("transformers")
+    mod = _load("distributed")
+    args = mod.parse_args(["--engine", "ddp", "--steps", "2", "--rtol", "1e-5"])
+    want = mod.single_process_losses(args)
+    assert mod.report(args, list(want), 2, torch.device("cpu")) == 0
+    assert "OK: every step's loss equals" in capsys.readouterr().out
+    off = [want[0], want[1] * (1 + 3e-5)]
+    assert mod.report(args, off, 2, torch.device("cpu")) == 1
+    out = capsys.readouterr().out
+    assert re.search(r"step +1 .*MISMATCH", out) and "MISMATCH: 1 of 2 steps" in out, out
