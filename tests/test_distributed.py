@@ -35,12 +35,12 @@ ROWS, SEQ = 4, 8  # the global batch: each rank takes ROWS // WORLD rows
 LR = 0.5
 
 
-def _tiny():
+def _tiny(tied=False):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = AutoConfig.for_model("llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                num_attention_heads=4, num_key_value_heads=2, head_dim=8, vocab_size=VOCAB,
-                               tie_word_embeddings=False)
+                               tie_word_embeddings=tied)
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(cfg)
 
@@ -59,10 +59,10 @@ def _n_items(labels):
     return int((labels[:, 1:] != -100).sum())
 
 
-def _truth(objective, steps=1):
+def _truth(objective, steps=1, tied=False):
     """The unsharded, unpatched model in float64 on the whole batch, trained with SGD (step size LR):
     the loss before each step, the first step's gradients, and the parameters after the last step."""
-    ref = _tiny().double()
+    ref = _tiny(tied).double()
     ids, labels = _batch()
     target = truth.shifted(labels, -100)
     valid = target != -100
@@ -116,21 +116,23 @@ def _case_ddp(rank, objective):
             "params": {k: p.detach().clone() for k, p in m.named_parameters()}}
 
 
-def _case_fsdp2(rank, objective):
+def _case_fsdp2(rank, objective, tied=False):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor, Shard
 
     import fused_objectives as fo
 
-    m = _tiny()
+    m = _tiny(tied)
     mesh = init_device_mesh("cpu", (WORLD,))
     for layer in m.model.layers:
         fully_shard(layer, mesh=mesh)
-    fully_shard(m.lm_head, mesh=mesh)
+    if not tied:  # a head tied to the embedding stays in the root's unit, which gathers it for the forward
+        fully_shard(m.lm_head, mesh=mesh)
     fully_shard(m, mesh=mesh)
     w = m.lm_head.weight
     assert isinstance(w, DTensor) and w.placements == (Shard(0),) and w.to_local().shape[0] == VOCAB // WORLD
+    assert (w is m.model.embed_tokens.weight) == tied
     fo.patch_model(m, objective=objective)
     opt = torch.optim.SGD(m.parameters(), lr=LR)
     ids, labels, n = _local_batch(rank)
@@ -259,6 +261,12 @@ def _assert_matches_truth(got, want, what):
 def test_engine_matches_unsharded_truth(case, objective, tmp_path):
     got = _spawn(case, tmp_path, objective=objective)
     _assert_matches_truth(got, _truth(objective), case)
+
+
+def test_fsdp2_tied_embedding_head(tmp_path):
+    # the head's weight is the embedding's: sharded with the root, one gradient for both uses
+    got = _spawn("fsdp2", tmp_path, objective="nll", tied=True)
+    _assert_matches_truth(got, _truth("nll", tied=True), "fsdp2, tied head")
 
 
 def _need_deepspeed():
