@@ -370,3 +370,27 @@ def test_fused_backend_rejects_bad_coefficient_shapes():
         be.forward(h, w, None, t, valid, LogitOptions(), dot=u[:-1])
     with pytest.raises(ValueError, match=r"\[N\], \[2, N\] or \[3, N\]"):
         be.backward(h, w, None, t, state, torch.zeros(4, h.shape[0]), LogitOptions(), (True, False, False))
+
+
+@cpu_tensors
+@pytest.mark.parametrize("fwd,bwd", [("FORWARD_ENTROPY_HALF", "BACKWARD_IEEE_TERMS_SM90"),
+                                     ("FORWARD_ENTROPY_TF32_SM80", "BACKWARD_HALF_SM90")])
+def test_terms_gpu_tile_configs_compute_the_same(monkeypatch, fwd, bwd):
+    # the GPU tile shapes the dot forward and the terms backward get (configs.ENTROPY_FORWARD_CONFIGS,
+    # TERMS_BACKWARD_CONFIGS), run by the interpreter: masking at the real block sizes
+    from fused_objectives.options import LogitOptions
+
+    monkeypatch.setattr(configs, "forward_config", lambda *a, **k: getattr(configs, fwd))
+    monkeypatch.setattr(configs, "backward_config", lambda *a, **k: getattr(configs, bwd))
+    h, w, t, valid, u, coef = _terms_case(N=70, H=40, V=150, terms=3)
+    b = torch.randn(150) * 0.5
+    opts = LogitOptions(logit_scale=0.9, softcap=6.0)
+    be = _fused_backend()
+    logp, state, _, rows = be.forward(h, w, b, t, valid, opts, row_stats=True, dot=u)
+    want = _truth64(h, w, b, t, 0.9, 6.0, u, coef)
+    _close("logp", logp[valid], want["logp"][valid], 1e-6)
+    _close("entropy", rows[1][valid], want["entropy"][valid], 1e-5)
+    _close("dotz", rows[2][valid], want["dotz"][valid], 1e-6)
+    dx, dw, db = be.backward(h, w, b, t, state, coef, opts, (True, True, True), dot=u)
+    for name, got in (("dx", dx), ("dw", dw), ("db", db)):
+        _close(name, got, want[name], 2e-6)
