@@ -28,14 +28,16 @@ import torch
 from .options import CoefFn, LogitOptions, LossTerms
 
 
-def dot_vector(terms: LossTerms, vocab: int, device: torch.device) -> Optional[torch.Tensor]:
-    """The ``[V]`` float32 dot vector ``u`` of label smoothing (the class weights, else ones), or
-    None when the loss does not need ``dotz`` (no label smoothing)."""
+def dot_vector(terms: LossTerms, vocab: int, device: torch.device,
+               dtype: torch.dtype = torch.float32) -> Optional[torch.Tensor]:
+    """The ``[V]`` dot vector ``u`` of label smoothing (the class weights, else ones; float32 for the
+    fused backends, float64 for the reference on float64 inputs), or None when the loss does not
+    need ``dotz`` (no label smoothing)."""
     if terms.label_smoothing == 0:
         return None
     if terms.class_weight is not None:
-        return terms.class_weight.detach().to(device=device, dtype=torch.float32).contiguous()
-    return torch.ones(vocab, dtype=torch.float32, device=device)
+        return terms.class_weight.detach().to(device=device, dtype=dtype).contiguous()
+    return torch.ones(vocab, dtype=dtype, device=device)
 
 
 def target_weights(class_weight: torch.Tensor, target: torch.Tensor, valid: torch.Tensor,
@@ -181,8 +183,8 @@ class TargetLogprobFunction(torch.autograd.Function):
                     f"double backward (create_graph=True) is not supported by backend="
                     f"{_backend_name(ctx.backend)!r}: e.g. a vocabulary-sharded (DTensor) weight, whose "
                     f"second-order graph would need the whole vocabulary on every rank")
-            dx, dw, db = _differentiable_grads(hidden, weight, bias, target, valid, coef.reshape(-1, n), ctx.opts,
-                                               needs, dot)
+            dx, dw, db = _differentiable_grads(hidden, weight, bias, target, valid,
+                                               coef if coef.dim() == 2 else coef[None], ctx.opts, needs, dot)
         elif coef.dim() == 1:
             dx, dw, db = ctx.backend.backward(hidden, weight, bias, target, state, coef.contiguous(), ctx.opts, needs)
         else:
@@ -253,9 +255,12 @@ class ObjectiveSumFunction(torch.autograd.Function):
 @torch.library.custom_op("fused_objectives::row_logprob", mutates_args=())
 def row_logprob_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], target: torch.Tensor,
                    valid: torch.Tensor, logit_scale: Optional[float], softcap: Optional[float], row_stats: bool,
-                   dot: Optional[torch.Tensor], backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                                       torch.Tensor]:
-    """``(logp [N], state [3, N], argmax [N], rows [3, N])`` of the named backend's forward."""
+                   dot: Optional[torch.Tensor], backend: str, n_coef: int) -> Tuple[torch.Tensor, torch.Tensor,
+                                                                                    torch.Tensor, torch.Tensor]:
+    """``(logp [N], state [3, N], argmax [N], rows [3, N])`` of the named backend's forward.
+    ``n_coef``: how many of (logp, lse, dotz) the loss differentiates (1, 2 or 3), i.e. the rows of
+    the backward's coefficients: the generated autograd formula sees zero-filled gradients for unused
+    outputs, so it cannot tell a plain objective (the classic ``[N]`` call) from one with an lse term."""
     from .backends import registered_backend
 
     impl = registered_backend(backend)
@@ -272,7 +277,7 @@ def row_logprob_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[to
 
 
 @row_logprob_op.register_fake
-def _row_logprob_fake(hidden, weight, bias, target, valid, logit_scale, softcap, row_stats, dot, backend):
+def _row_logprob_fake(hidden, weight, bias, target, valid, logit_scale, softcap, row_stats, dot, backend, n_coef):
     n = hidden.shape[0]
     f32 = torch.float32
     return (hidden.new_empty((n,), dtype=f32), hidden.new_empty((3, n), dtype=f32),
@@ -293,28 +298,30 @@ def row_logprob_backward_op(hidden: torch.Tensor, weight: torch.Tensor, bias: Op
     needs = (need_dx, need_dw, need_db and bias is not None)
     kw = {"dot": dot} if coef.dim() == 2 and coef.shape[0] == 3 else {}
     grads = impl.backward(hidden, weight, bias, target, state, coef.contiguous(), opts, needs, **kw)
-    # a fresh empty tensor per missing gradient: outputs of an operator may not alias each other
-    return tuple(hidden.new_empty(0) if g is None else g.clone() for g in grads)
+    # contiguous, as the fake kernel says (a backend's gradients are fresh tensors: no copy); a fresh
+    # empty tensor per missing gradient: outputs of an operator may not alias each other
+    return tuple(hidden.new_empty(0) if g is None else g.contiguous() for g in grads)
 
 
 @row_logprob_backward_op.register_fake
 def _row_logprob_backward_fake(hidden, weight, bias, target, state, coef, logit_scale, softcap, dot,
                                need_dx, need_dw, need_db, backend):
-    return (torch.empty_like(hidden) if need_dx else hidden.new_empty(0),
-            torch.empty_like(weight) if need_dw else hidden.new_empty(0),
-            torch.empty_like(bias) if (need_db and bias is not None) else hidden.new_empty(0))
+    # contiguous whatever the inputs' strides (a weight passed as param.T): the real gradients are
+    return (hidden.new_empty(hidden.shape) if need_dx else hidden.new_empty(0),
+            weight.new_empty(weight.shape) if need_dw else hidden.new_empty(0),
+            bias.new_empty(bias.shape) if (need_db and bias is not None) else hidden.new_empty(0))
 
 
 def _row_logprob_setup(ctx, inputs, output):
-    hidden, weight, bias, target, valid, logit_scale, softcap, row_stats, dot, backend = inputs
+    hidden, weight, bias, target, valid, logit_scale, softcap, row_stats, dot, backend, n_coef = inputs
     ctx.save_for_backward(hidden, weight, bias, target, valid, output[1], dot)
-    ctx.logit_scale, ctx.softcap, ctx.backend = logit_scale, softcap, backend
+    ctx.logit_scale, ctx.softcap, ctx.backend, ctx.n_coef = logit_scale, softcap, backend, n_coef
 
 
 def _row_logprob_backward(ctx, g_logp, _g_state, _g_argmax, g_rows):
     hidden, weight, bias, target, valid, state, dot = ctx.saved_tensors
     need_dx, need_dw, need_db = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-    none = (None,) * 10
+    none = (None,) * 11
     if not (need_dx or need_dw or need_db):
         return none
     zero = torch.zeros(valid.shape[0], dtype=torch.float32, device=valid.device)
@@ -323,26 +330,27 @@ def _row_logprob_backward(ctx, g_logp, _g_state, _g_argmax, g_rows):
         return zero if g is None else torch.where(valid, g.float(), zero)
 
     c = masked(g_logp)
-    if g_rows is None:
+    if ctx.n_coef == 1 or g_rows is None:
         coef = c
-    elif dot is not None:
+    elif ctx.n_coef == 3 and dot is not None:
         coef = torch.stack([c, masked(g_rows[0]), masked(g_rows[2])])
     else:
         coef = torch.stack([c, masked(g_rows[0])])
     dx, dw, db = row_logprob_backward_op(hidden, weight, bias, target, state, coef, ctx.logit_scale, ctx.softcap,
                                          dot, need_dx, need_dw, bool(need_db and bias is not None), ctx.backend)
     return (dx if need_dx else None, dw if need_dw else None, db if (need_db and bias is not None) else None,
-            None, None, None, None, None, None, None)
+            None, None, None, None, None, None, None, None)
 
 
 row_logprob_op.register_autograd(_row_logprob_backward, setup_context=_row_logprob_setup)
 
 
 def compiled_logprob(hidden, weight, bias, target, valid, opts: LogitOptions, backend: str, row_stats=False,
-                     dot=None):
-    """What ``TargetLogprobFunction`` returns, through the operators above (``backend`` a name)."""
+                     dot=None, n_coef: int = 1):
+    """What ``TargetLogprobFunction`` returns, through the operators above (``backend`` a name);
+    ``n_coef``: 1 when only ``logp`` is differentiated, 2 with ``lse``, 3 with ``dotz`` too."""
     logp, _state, argmax, rows = row_logprob_op(hidden, weight, bias, target, valid, opts.logit_scale, opts.softcap,
-                                                bool(row_stats), dot, backend)
+                                                bool(row_stats), dot, backend, int(n_coef))
     zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
     logp = torch.where(valid, logp, zero)
     lse = torch.where(valid, rows[0], zero)

@@ -162,6 +162,23 @@ def _check_inputs(hidden, weight, target, bias, ignore_index, shift, backend_nam
         raise ValueError("shift=True needs target with a sequence dimension, got a 0-dim target")
 
 
+@torch.library.custom_op("fused_objectives::checked_count", mutates_args=())
+def _checked_count(count: torch.Tensor) -> torch.Tensor:
+    """A copy of the 0-dim float64 CPU ``num_items_in_batch``, raising ``ValueError`` unless it is
+    finite and >= 0."""
+    v = float(count)
+    if not math.isfinite(v):
+        raise ValueError(f"num_items_in_batch must be finite, got {v}")
+    if v < 0:
+        raise ValueError(f"num_items_in_batch must be >= 0, got {v:g}")
+    return count.clone()
+
+
+@_checked_count.register_fake
+def _checked_count_fake(count):
+    return torch.empty_like(count)
+
+
 @torch.library.custom_op("fused_objectives::valid_targets", mutates_args=())
 def _valid_targets(target: torch.Tensor, vocab: int, ignore_index: int) -> torch.Tensor:
     """``target != ignore_index`` for a CPU ``target`` [N] (int64), raising ``ValueError`` when a
@@ -216,7 +233,7 @@ def _grad_in_forward(impl, dtype) -> bool:
     return True if choose is None else bool(choose(dtype))
 
 
-def _logprob(h2, weight, bias, t1, valid, opts, impl, row_stats=False, dot=None):
+def _logprob(h2, weight, bias, t1, valid, opts, impl, row_stats=False, dot=None, n_coef=1):
     """``(logp, lse, dotz, hit, argmax, entropy)`` [N] each: ``logp``, ``lse`` and ``dotz`` (None
     without ``dot``) differentiable, the entropy only with ``row_stats`` (else unspecified)."""
     if impl == REFERENCE:
@@ -224,7 +241,7 @@ def _logprob(h2, weight, bias, t1, valid, opts, impl, row_stats=False, dot=None)
     name = name_of(impl)
     if name is not None and torch.compiler.is_compiling():
         # one opaque operator pair, whatever the backend (autograd.row_logprob_op)
-        return compiled_logprob(h2, weight, bias, t1, valid, opts, name, row_stats, dot)
+        return compiled_logprob(h2, weight, bias, t1, valid, opts, name, row_stats, dot, n_coef)
     logp, lse, dotz, hit, argmax, ent = TargetLogprobFunction.apply(h2, weight, bias, t1, valid, opts, impl,
                                                                    row_stats, dot)
     return logp, lse, dotz if dot is not None else None, hit, argmax, ent
@@ -268,13 +285,9 @@ def _count_tensor(value: torch.Tensor, device: torch.device, host_check: bool) -
         raise ValueError("num_items_in_batch is a meta tensor (no data); pass a real count")
     count = value.detach().reshape(()).to(dtype=torch.float64)
     if host_check:
-        # read where the tensor lives (the CPU), before it moves to the loss's device
-        v = float(count)
-        if not math.isfinite(v):
-            raise ValueError(f"num_items_in_batch must be finite, got {v}")
-        if v < 0:
-            raise ValueError(f"num_items_in_batch must be >= 0, got {v:g}")
-        return count.to(device)
+        # read where the tensor lives (the CPU), before it moves to the loss's device; an operator,
+        # so a compiled graph (fullgraph) keeps the check instead of a data-dependent branch
+        return _checked_count(count).to(device)
     count = count.to(device)
     ok = torch.isfinite(count) & (count >= 0)
     return torch.where(ok, count, torch.full_like(count, float("nan")))
@@ -369,7 +382,8 @@ def linear_objective_loss(
     the z-loss of PaLM / Liger's ``lse_square_scale``; for the other objectives the smoothing term is
     the same uniform cross-entropy mixed in on the tokens the objective keeps.  ``"mean"`` divides the
     objective part by the sum of ``w_i`` over valid (``normalize="kept"``: kept) tokens, as torch's
-    weighted mean does, and the z-loss part by their count (Liger's semantics); ``num_items_in_batch``
+    weighted mean does, and the z-loss part by the count of valid tokens (Liger's semantics, whatever
+    ``normalize`` says: the z-loss is on valid tokens); ``num_items_in_batch``
     replaces both denominators (with class weights, pass the sum of the target weights over the
     accumulated micro-batches to get torch's weighted mean).  ``z_loss`` >= 0, ``label_smoothing`` in
     [0, 1], ``class_weight`` a ``[V]`` floating tensor on the inputs' device, finite and >= 0
@@ -400,17 +414,18 @@ def linear_objective_loss(
     h2, t1, valid, opts, impl, shape, weight, bias = _prepare(hidden, weight, target, bias, ignore_index, shift,
                                                               softcap, logit_scale, backend)
     terms.check_weight(V, h2.device)
-    dot = dot_vector(terms, V, h2.device)
+    dot = dot_vector(terms, V, h2.device, torch.float64 if h2.dtype == torch.float64 else torch.float32)
     items = _num_items(num_items_in_batch, h2.device)
     wants_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias))
     weighted = terms.class_weight is not None
     # under torch.compile the per-token path runs (its operators have fake kernels and trace into
     # one graph); the gradients-in-forward path loops on the host over data-dependent token chunks.
-    # Class weights with a z-loss have two denominators (weights, counts): the per-token path keeps
-    # them apart
+    # A z-loss with class weights or normalize="kept" has its own denominator (the valid count): the
+    # per-token path keeps the two apart
     scalar_path = (reduction != "none" and wants_grad and _grad_in_forward(impl, h2.dtype)
-                   and not torch.compiler.is_compiling() and not (weighted and terms.z_loss != 0))
+                   and not torch.compiler.is_compiling()
+                   and not (terms.z_loss != 0 and (weighted or normalize == "kept")))
     z_tok = None
     if scalar_path:
         # a scalar loss: the backend computes the gradients while the logits are at hand
@@ -423,8 +438,9 @@ def linear_objective_loss(
             z_tok = torch.where(valid, terms.z_loss * lse * lse, torch.zeros_like(lse))
         obj_total, z_total = total, None
     else:
+        n_coef = 3 if dot is not None else 2 if (terms.z_loss != 0 or terms.label_smoothing != 0) else 1
         logp, lse, dotz, hit, argmax, ent = _logprob(h2, weight, bias, t1, valid, opts, impl,
-                                                     row_stats=return_stats, dot=dot)
+                                                     row_stats=return_stats, dot=dot, n_coef=n_coef)
         per_tok, kept = obj.per_token(logp, valid)
         if terms.active:
             per_tok, z_tok = token_terms(per_tok, kept, valid, lse, dotz, t1, terms, V, _dot_sum(terms, dot, V))
@@ -441,12 +457,14 @@ def linear_objective_loss(
     else:
         if items is not None:
             denom = z_denom = items
-        elif weighted:
-            w = target_weights(terms.class_weight, t1, valid, torch.float64)
-            denom = torch.where(valid if normalize == "valid" else kept, w, torch.zeros_like(w)).sum()
-            z_denom = count
         else:
-            denom = z_denom = count
+            # the z-loss is on valid tokens: its mean is over them, whatever normalize says (Liger)
+            z_denom = valid.sum()
+            if weighted:
+                w = target_weights(terms.class_weight, t1, valid, torch.float64)
+                denom = torch.where(valid if normalize == "valid" else kept, w, torch.zeros_like(w)).sum()
+            else:
+                denom = count
         loss = _safe_div(obj_total, denom)
         if z_total is not None:
             loss = loss + _safe_div(z_total, z_denom)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
 
@@ -71,6 +72,10 @@ class LossTerms:
             return
         if not isinstance(w, torch.Tensor):
             raise TypeError(f"class_weight must be a torch.Tensor of shape [V] or None, got {type(w).__name__}")
+        dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+        if dtensor is not None and isinstance(w, dtensor):
+            raise TypeError("class_weight must be a plain [V] tensor (the same on every rank), got a DTensor; "
+                            "pass class_weight.full_tensor()")
         if w.dim() != 1:
             raise ValueError(f"class_weight must have shape [V] (one weight per vocabulary entry), "
                              f"got shape {tuple(w.shape)}")
@@ -114,9 +119,10 @@ def checked_class_weight(w: torch.Tensor) -> torch.Tensor:
     non-finite entry: an operator, so ``torch.compile`` (fullgraph) keeps the check inside the
     graph instead of a data-dependent Python branch."""
     _check_weight_values(w)
-    return w.detach().to(torch.float32, copy=True)
+    # float32, or float64 kept for float64 weights (the reference backend's float64 truth)
+    return w.detach().to(torch.promote_types(w.dtype, torch.float32), copy=True)
 
 
 @checked_class_weight.register_fake
 def _checked_class_weight_fake(w):
-    return torch.empty_like(w, dtype=torch.float32)
+    return torch.empty_like(w, dtype=torch.promote_types(w.dtype, torch.float32))

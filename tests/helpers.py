@@ -94,7 +94,7 @@ def naive_same_dtype(hidden, weight, target, bias=None, *, upstream=None, object
         if num_items_in_batch is not None:
             denom = z_denom = torch.as_tensor(num_items_in_batch, dtype=per_tok.dtype)
         else:
-            denom, z_denom = (w_tok * mask).sum(), mask.sum().to(per_tok.dtype)
+            denom, z_denom = (w_tok * mask).sum(), valid1.sum().to(per_tok.dtype)
         loss = per_tok.sum() / denom if denom > 0 else per_tok.sum() * 0
         loss = loss + (z_tok.sum() / z_denom if z_denom > 0 else z_tok.sum() * 0)
     (loss * upstream.to(loss.device)).sum().backward() if upstream is not None else loss.backward()

@@ -315,3 +315,54 @@ def test_compile_on_cuda(backend):
     eager = grads_of(loss_fn, h, w, b, t, one)
     for c, e in zip(compiled, eager):
         torch.testing.assert_close(c.float(), e.float(), rtol=2e-2, atol=2e-3)
+
+
+@pytest.mark.parametrize("terms,rows", [({}, 1), ({"z_loss": 1e-3}, 2), ({"label_smoothing": 0.1}, 3)])
+def test_compiled_backward_gets_the_classic_coefficients_without_terms(monkeypatch, terms, rows):
+    """A plain objective under compile reaches the backend's classic [N] backward (the generated
+    autograd formula zero-fills unused outputs' gradients: without the operator's n_coef it would
+    always run the lse-term kernels)."""
+    from fused_objectives.backends import registered_backend
+
+    torch._dynamo.reset()
+    cpu = registered_backend("cpu")
+    seen = []
+    real = cpu.backward
+
+    def recording(*args, **kw):
+        seen.append(args[5].dim() and (args[5].shape[0] if args[5].dim() == 2 else 1))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(cpu, "backward", recording)
+    h, w, b, t = inputs(H=16, V=37)
+    fn = torch.compile(lambda h, w, t: fo.linear_objective_loss(h, w, t, backend="cpu", **terms), fullgraph=True)
+    hh = h.clone().requires_grad_()
+    fn(hh, w, t).backward()
+    assert seen == [rows]
+
+
+def test_compiled_loss_with_a_transposed_weight_and_a_tensor_count():
+    """A head stored [H, V] and passed as param.T (non-contiguous) and a CPU tensor
+    num_items_in_batch (Hugging Face's) compile fullgraph and equal eager."""
+    torch._dynamo.reset()
+    h, w, b, t = inputs(H=16, V=37)
+    stored = w.T.contiguous()  # [H, V]
+    n_items = torch.tensor(11)
+
+    def run_once(fn):
+        hh = h.clone().requires_grad_()
+        ww = stored.clone().requires_grad_()
+        loss = fo.linear_objective_loss(hh, ww.T, t, backend="cpu", num_items_in_batch=n_items) if fn is None \
+            else fn(hh, ww, t)
+        loss.backward()
+        return loss.detach(), hh.grad, ww.grad
+
+    compiled = torch.compile(lambda hh, ww, t: fo.linear_objective_loss(hh, ww.T, t, backend="cpu",
+                                                                        num_items_in_batch=n_items), fullgraph=True)
+    got, want = run_once(compiled), run_once(None)
+    for g, e in zip(got, want):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+    counted = torch.compile(lambda hh, n: fo.linear_objective_loss(hh, w, t, num_items_in_batch=n), fullgraph=True)
+    counted(h, torch.tensor(5))  # compiles; the count is a graph input
+    with pytest.raises(ValueError, match="num_items_in_batch must be >= 0, got -3"):
+        counted(h, torch.tensor(-3))

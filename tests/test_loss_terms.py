@@ -251,3 +251,35 @@ def test_reference_backend_empty_batch(k):
     dx, dw, db = BACKEND.backward(torch.zeros(0, 4), w, None, torch.zeros(0, dtype=torch.long), None, coef,
                                   LogitOptions(), (True, True, False), dot=torch.ones(5))
     assert dx.shape == (0, 4) and torch.equal(dw, torch.zeros(5, 4)) and db is None
+
+
+def test_z_loss_mean_is_over_valid_tokens_whatever_normalize(backend):
+    """normalize='kept' changes the objective's denominator only: the z-loss is on valid tokens and
+    its mean is over them (a gate that keeps nothing leaves the z-loss whole)."""
+    h, w, t, _ = make_inputs(N=12, H=16, V=V, peaked=1.0)
+    got = run(h, w, t, backend=backend, objective="nll_top:0.999", normalize="kept", z_loss=1.0)
+    z = T.logits64(h.cpu(), w.cpu())
+    valid = t.cpu() != -100
+    want = (torch.logsumexp(z, -1)[valid] ** 2).mean()
+    torch.testing.assert_close(got["loss"].cpu().double(), want, rtol=1e-5, atol=0)
+    assert got["dh"].abs().sum() > 0
+
+
+def test_float64_reference_with_class_weights_is_float64():
+    h, w, t, b = make_inputs(N=29, H=11, V=V, bias=True, peaked=3.0, dtype=torch.float64,
+                             device=torch.device("cpu"))
+    cw = weights().double()
+    for eps in (0.0, 0.3):
+        got = fo.linear_objective_loss(h, w, t, b, class_weight=cw, label_smoothing=eps, backend="reference")
+        want = F.cross_entropy(T.logits64(h, w, b), t, weight=cw, label_smoothing=eps)
+        torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-13)
+
+
+def test_double_backward_of_an_empty_batch(fused_backend):
+    dev = device_for(fused_backend)
+    h = torch.zeros(0, 8, device=dev, requires_grad=True)
+    w = torch.randn(V, 8, device=dev)
+    loss = fo.linear_objective_loss(h, w, torch.zeros(0, dtype=torch.long, device=dev), reduction="none",
+                                    backend=fused_backend, z_loss=1e-2).sum()
+    (g,) = torch.autograd.grad(loss, h, create_graph=True)
+    assert g.shape == (0, 8)

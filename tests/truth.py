@@ -14,7 +14,7 @@ Loss terms (z_loss, label_smoothing = eps, class_weight = w [V]), from their def
     loss_i = (1 - eps) * w[y_i] * f(l_i) - (eps / V) * sum_j u_j log_softmax(z_i)_j   on kept tokens
            + z_loss * logsumexp(z_i)**2                                              on valid tokens
     with u = w (ones without); mean: the first part / sum of w[y_i] over valid (or kept) tokens,
-    the z part / their count; num_items_in_batch replaces both.
+    the z part / the count of valid tokens; num_items_in_batch replaces both.
 """
 from __future__ import annotations
 
@@ -149,7 +149,7 @@ def truth(hidden, weight, target, bias=None, *, objective: Spec = "nll", reducti
             denom = z_denom = float(num_items_in_batch)
         else:
             denom = float((w_tok * mask).sum())
-            z_denom = float(mask.sum())
+            z_denom = float(valid.sum())
         loss = loss_tok.sum() / denom if denom != 0 else loss_tok.sum() * 0.0
         loss = loss + (z_tok.sum() / z_denom if z_denom != 0 else z_tok.sum() * 0.0)
     else:
