@@ -815,3 +815,21 @@ def test_sync_free_mode_with_loss_terms(monkeypatch, reduction):
     for mode in (False, True):
         for key in ("loss", "dh", "dw", "db"):
             torch.testing.assert_close(got[mode][key].double(), want[key], rtol=1e-4, atol=1e-6)
+
+
+def test_v2_malformed_coefficients_are_refused_clearly():
+    """A [1, N] coefficient block is neither [N] nor [2|3, N]; [3, M] without a dot vector never
+    reaches the kernel (it would read the coefficients as u)."""
+    from fused_objectives.backends import registered_backend
+    from fused_objectives.kernels import rows
+    from fused_objectives.options import LogitOptions
+
+    be = registered_backend("triton_chunked")
+    h, w, t = torch.randn(4, 8), torch.randn(11, 8), torch.randint(0, 11, (4,))
+    logp, state, _, _ = be.forward(h, w, None, t, torch.ones(4, dtype=torch.bool), LogitOptions())
+    with pytest.raises(ValueError, match=r"\[4\], \[2, 4\] or \[3, 4\]"):
+        be.backward(h, w, None, t, state, torch.randn(1, 4), LogitOptions(), (True, True, False))
+    z = torch.randn(4, 11)
+    with pytest.raises(ValueError, match="dot vector"):
+        rows.softmax_grad_(z, None, t, state[0], state[1], (-torch.expm1(state[2])).contiguous(),
+                           torch.randn(3, 4), LogitOptions())

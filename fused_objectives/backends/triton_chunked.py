@@ -236,7 +236,7 @@ def _coef_rows(coef: torch.Tensor, n: int, has_dot: bool, what: str) -> int:
     if not isinstance(coef, torch.Tensor):
         raise TypeError(f"{what} must be a tensor, got {type(coef).__name__}")
     k = 1 if coef.dim() == 1 else (coef.shape[0] if coef.dim() == 2 else 0)
-    if coef.dim() not in (1, 2) or coef.shape[-1] != n or not 1 <= k <= 3:
+    if coef.dim() not in (1, 2) or coef.shape[-1] != n or not (k == 1 if coef.dim() == 1 else 2 <= k <= 3):
         raise ValueError(f"{what} must have shape [{n}], [2, {n}] or [3, {n}], got {tuple(coef.shape)}")
     if k == 3 and not has_dot:
         raise ValueError(f"{what} of shape [3, {n}] (c, b, g) needs the dot vector u, and none was given")

@@ -139,7 +139,7 @@ def forward_config(dtype=None, capability: Optional[Tuple[int, int]] = None,
     """The fused forward's config for inputs of ``dtype`` on a GPU of ``capability`` (default: the
     current device's) with TF32 dots or not (default: PyTorch's fp32 matmul setting); ``entropy``:
     the variant that also accumulates the rows' entropy (``ENTROPY_FORWARD_CONFIGS``); ``dot``: the
-    one that accumulates ``sum_j u_j z_j`` (``DOT_FORWARD_CONFIGS``); ``softcap``: the soft-capped
+    one that accumulates ``sum_j u_j z_j`` (the same 64-row ``ENTROPY_FORWARD_CONFIGS``); ``softcap``: the soft-capped
     variant (``SOFTCAP_FORWARD_CONFIGS``)."""
     if interpreting():
         return INTERPRET

@@ -254,7 +254,10 @@ def softmax_grad_(
     k = 1 if coef.dim() == 1 else coef.shape[0]
     # (a single row may carry any stride along M: contiguous() leaves a [k, 1] tensor's strides as they are)
     assert coef.shape[-1] == M and (coef.stride(-1) == 1 or M <= 1) and coef.dtype == torch.float32 and 1 <= k <= 3
-    assert (k == 3) == (dot is not None), "coefficients [3, M] go with a dot vector, and only they"
+    if (k == 3) != (dot is not None) or (dot is not None and (dot.dim() != 1 or dot.shape[0] < col0 + C)):
+        # not an assert: without the vector the kernel would read the coefficients as u (out of bounds)
+        raise ValueError(f"coefficients [3, M] go with a dot vector covering the columns, and only they "
+                         f"(coef {tuple(coef.shape)}, dot {None if dot is None else tuple(dot.shape)})")
     cfg = configs.dz_config()
     if M > 0 and C > 0:
         dz_kernel[(triton.cdiv(M, cfg.block_m), triton.cdiv(C, cfg.block_v))](
