@@ -449,3 +449,59 @@ def test_trainer_subclass_training_on_the_logits_warns_once(tmp_path):
         trainer.train()
     ours = [w for w in caught if "OwnLoss.compute_loss calls the model without labels" in str(w.message)]
     assert len(ours) == 1 and "'neg_p'" in str(ours[0].message), [str(w.message) for w in caught]
+
+
+def test_trl_rl_trainer_log_probs_are_refused_unless_the_patch_is_plain_nll(tmp_path):
+    """TRL's RLOO / GRPO / DPO / KTO trainers call model(..., labels=..., fused_lm_head=True) and use log_probs as
+    true log-probabilities (ratios, KL); RLOOConfig has no loss_type. A neg_p patch (log_probs = p - 1) is refused
+    with a fix that is not SFT's loss_type; a plain nll patch gives the exact log-probabilities."""
+    trl = pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    m = tiny()
+    fo.patch_model(m, objective="neg_p")
+    args = trl.RLOOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=2,
+                          max_completion_length=4, beta=0.0, use_cpu=True, report_to=[], save_strategy="no",
+                          disable_tqdm=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = trl.RLOOTrainer(model=m, reward_funcs=lambda completions, **kw: [0.0] * len(completions), args=args,
+                                  train_dataset=datasets.Dataset.from_list([{"prompt": "w1 w2 w3"}] * 8),
+                                  processing_class=_tokenizer())
+    assert not hasattr(trainer.args, "loss_type")
+    ids = torch.randint(3, V, (2, 8), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    with pytest.raises(ValueError, match=r"RLOOTrainer calls the model with fused_lm_head=True.*objective "
+                                         r"'neg_p'.*objective='nll'") as err:
+        trainer._get_per_token_logps_and_entropies(trainer.model, ids, mask, 4)
+    assert "loss_type" not in str(err.value)
+    fo.patch_model(m, objective="nll", z_loss=1e-3)  # a loss term: log_probs are not log p either
+    with pytest.raises(ValueError, match=r"objective 'nll' with z_loss=0\.001"):
+        trainer._get_per_token_logps_and_entropies(trainer.model, ids, mask, 4)
+    fo.patch_model(m, objective="nll")
+    got = trainer._get_per_token_logps_and_entropies(trainer.model, ids, mask, 4)[0]
+    fo.unpatch_model(m)
+    with torch.no_grad():
+        logits = m(input_ids=ids, attention_mask=mask).logits[:, -5:-1].double()
+    want = torch.log_softmax(logits, -1).gather(-1, ids[:, -4:, None])[..., 0]
+    torch.testing.assert_close(got.detach().double(), want, rtol=0, atol=1e-3)
+
+
+def test_trainer_checks_run_under_torch_compile(tmp_path):
+    """Trainer(torch_compile=True) compiles the patched forward: the trainer checks still run (eagerly, a graph
+    break only on the call without labels), so label_smoothing_factor is refused, not trained silently."""
+    ids, labels = examples()
+    m = tiny()
+    fo.patch_model(m, objective="neg_p")
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    args = _args(tmp_path, label_smoothing_factor=0.1, torch_compile=True, torch_compile_backend="aot_eager",
+                 gradient_accumulation_steps=1, per_device_train_batch_size=4)
+    trainer = transformers.Trainer(model=m, args=args, train_dataset=_ListDataset(ids, labels))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with pytest.raises(ValueError, match=r"label_smoothing_factor=0 "):
+                trainer.train()
+    finally:
+        torch._dynamo.reset()
+    for n, p in m.named_parameters():
+        assert torch.equal(p, before[n]), n

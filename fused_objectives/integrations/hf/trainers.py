@@ -1,25 +1,30 @@
 """Trainers that compute the loss around a patched model: found on the call stack, refused or warned.
 
-``transformers.Trainer`` (and TRL's ``SFTTrainer``) decide in ``compute_loss`` whether the model's own
-loss is used.  Three of their settings bypass the patch or misread it, and would train something other
-than the patched objective without a word:
+``transformers.Trainer`` (and TRL's trainers) decide in ``compute_loss`` whether the model's own loss is
+used.  Several of their settings bypass the patch or misread it, and would train something other than the
+patched objective without a word:
 
 - ``TrainingArguments(label_smoothing_factor=eps)``: ``compute_loss`` pops the labels, calls the model
   without them and smooths a cross-entropy of the full logits (``self.label_smoother``): refused, the fix
   being ``patch_model(..., label_smoothing=eps)`` with ``label_smoothing_factor=0``;
 - ``Trainer(compute_loss_func=f)``: the same call without labels, the loss being ``f``'s: one warning per
   trainer (the user wrote that loss on purpose, but the patched objective does not train);
-- any other ``compute_loss`` (a Trainer subclass: TRL's preference / RL trainers, a user's own) that calls
-  the model without labels in training: one warning per trainer;
-- TRL ``SFTConfig(loss_type="dft")`` (any ``loss_type`` but ``"nll"``): TRL reweights the per-token
-  ``log_probs`` of its fused-head protocol, which the patch fills with the negated objective: refused
-  unless that objective is the plain NLL (then ``log_probs`` are the log-probabilities).
+- any other ``compute_loss`` (a user's Trainer subclass) that calls the model without labels in training:
+  one warning per trainer;
+- TRL's fused-head protocol, ``model(..., labels=..., fused_lm_head=True)``, whose per-token ``log_probs``
+  the patch fills with the negated objective.  Only ``SFTTrainer(loss_type="nll")`` reduces them as a loss
+  (it then trains the patched objective); ``SFTTrainer`` with another ``loss_type`` (``"dft"`` reweights
+  them) and every other trainer that asks for them (TRL 1.x ``DPOTrainer``, ``KTOTrainer``,
+  ``GRPOTrainer``, ``RLOOTrainer``: ratios and KL terms of true log-probabilities) are refused unless the
+  patch is the plain NLL (no loss term), whose ``log_probs`` are the log-probabilities.
 
 The trainer is the ``self`` of the nearest ``compute_loss`` (or ``prediction_step``) frame that is a
-``transformers.Trainer``; only its public attributes are read (``label_smoother``,
-``compute_loss_func``, ``args.loss_type``) and ``prediction_step``'s documented ``prediction_loss_only``
-argument.  Nothing is looked up unless ``transformers.trainer`` was imported (nor while torch.compile
-traces the forward: Trainer's ``compute_loss`` runs eagerly around a compiled model's call).
+``transformers.Trainer`` (for the fused-head protocol: of the nearest frame of any Trainer method, as RL
+trainers also ask for log-probabilities while generating); only its public attributes are read
+(``label_smoother``, ``compute_loss_func``, ``args.loss_type``) and ``prediction_step``'s documented
+``prediction_loss_only`` argument.  Nothing is looked up unless ``transformers.trainer`` was imported.  The
+checks run eagerly under torch.compile too (``torch.compiler.disable``: a graph break on the calls that
+run them, the call without labels, TRL's and an evaluation call; never on a labelled training call).
 """
 from __future__ import annotations
 
@@ -34,18 +39,19 @@ _MAX_DEPTH = 48  # frames between a Trainer method and the patched forward (acce
 _WARNED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def _trainer_frame(method: str) -> Tuple[Optional[object], Optional[dict]]:
-    """``(trainer, that frame's locals)`` of the nearest ``Trainer.<method>`` frame calling us, or ``(None, None)``."""
+def _trainer_frame(method: Optional[str]) -> Tuple[Optional[object], Optional[dict]]:
+    """``(trainer, that frame's locals)`` of the nearest ``Trainer.<method>`` frame calling us (``method``
+    None: of any method), or ``(None, None)``.  Called eagerly (the checks below are compiler-disabled)."""
     module = sys.modules.get("transformers.trainer")
     trainer_cls = getattr(module, "Trainer", None)
-    if trainer_cls is None or torch.compiler.is_compiling():  # no Trainer; nothing to trace in a graph
+    if trainer_cls is None:
         return None, None
     frame = sys._getframe(1)
     try:
         for _ in range(_MAX_DEPTH):
             if frame is None:
                 break
-            if frame.f_code.co_name == method:
+            if method is None or frame.f_code.co_name == method:
                 local = frame.f_locals
                 trainer = local.get("self")
                 if isinstance(trainer, trainer_cls):
@@ -56,6 +62,7 @@ def _trainer_frame(method: str) -> Tuple[Optional[object], Optional[dict]]:
         del frame
 
 
+@torch.compiler.disable
 def check_call_without_labels(model, options) -> None:
     """A patched model called without labels from a Trainer's ``compute_loss``: the Trainer computes the loss."""
     trainer, _ = _trainer_frame("compute_loss")
@@ -78,7 +85,7 @@ def check_call_without_labels(model, options) -> None:
                    f"(fused_objectives) is not what trains or evaluates. Drop compute_loss_func to train the patched "
                    f"objective (the patched model returns it as its loss), or unpatch the model.")
     elif model.training and torch.is_grad_enabled():
-        # a Trainer subclass (TRL's DPO / GRPO / reward trainers, a user's compute_loss) training on the logits
+        # a Trainer subclass (a user's compute_loss, a reward trainer) training on the full logits
         _warn_once(trainer, "compute_loss",
                    f"{type(trainer).__name__}.compute_loss calls the model without labels in training and computes "
                    f"its loss from the full logits, so the objective {options.objective.name!r} this model is "
@@ -93,32 +100,51 @@ def _warn_once(trainer, key: str, message: str) -> None:
         warnings.warn(message, UserWarning, stacklevel=4)
 
 
+def _is_sft_trainer(trainer) -> bool:
+    module = sys.modules.get("trl.trainer.sft_trainer")
+    cls = getattr(module, "SFTTrainer", None)
+    return cls is not None and isinstance(trainer, cls)
+
+
+@torch.compiler.disable
 def check_trl_loss_type(model, options, objective) -> None:
-    """TRL's fused-head call: a ``loss_type`` other than ``"nll"`` transforms ``log_probs``, which must then be
-    the log-probabilities (the plain NLL objective, no extra loss term)."""
-    trainer, _ = _trainer_frame("compute_loss")
+    """TRL's fused-head call (``fused_lm_head=True``): ``log_probs`` hold the negated per-token objective.
+
+    Answered with the patched objective only for ``SFTTrainer(loss_type="nll")``, which reduces them as its
+    loss (and outside any Trainer: a caller of the documented protocol).  Any other trainer (TRL's
+    DPO / KTO / GRPO / RLOO, a Trainer subclass) or ``loss_type`` uses them as log-probabilities, which they
+    are only for the plain NLL patch (no z_loss / label_smoothing / class_weight): otherwise refused."""
+    trainer, _ = _trainer_frame(None)
     if trainer is None:
-        return
-    loss_type = getattr(getattr(trainer, "args", None), "loss_type", "nll")
-    if loss_type in (None, "nll"):
         return
     plain = (objective.name == "nll" and options.z_loss == 0 and options.label_smoothing == 0
              and options.class_weight is None)
     if plain:
         return
-    name = objective.name
+    name = type(trainer).__name__
     extra = [f"{k}={getattr(options, k)}" for k in ("z_loss", "label_smoothing") if getattr(options, k)]
     if options.class_weight is not None:
         extra.append("class_weight")
-    what = f"objective {name!r}" + (f" with {', '.join(extra)}" if extra else "")
+    what = f"objective {objective.name!r}" + (f" with {', '.join(extra)}" if extra else "")
+    if _is_sft_trainer(trainer):
+        loss_type = getattr(getattr(trainer, "args", None), "loss_type", "nll")
+        if loss_type in (None, "nll"):
+            return
+        raise ValueError(
+            f"TRL {name}(loss_type={loss_type!r}) transforms the per-token log-probabilities of the fused LM head "
+            f"(DFT weighs them by their probability); this model is patched by fused_objectives with {what}, "
+            f"whose per-token loss is not -log p, so it would train neither. Use loss_type='nll' (SFTTrainer then "
+            f"trains the patched objective; DFT's gradient -p * dlog p equals objective='neg_p''s), or patch with "
+            f"objective='nll' and no z_loss / label_smoothing / class_weight.")
     raise ValueError(
-        f"TRL {type(trainer).__name__}(loss_type={loss_type!r}) transforms the per-token log-probabilities of "
-        f"the fused LM head (DFT weighs them by their probability); this model is patched by fused_objectives "
-        f"with {what}, whose per-token loss is not -log p, so it would train neither. Use loss_type='nll' "
-        f"(SFTTrainer then trains the patched objective; DFT's gradient -p * dlog p equals objective='neg_p''s), "
-        f"or patch with objective='nll' and no z_loss / label_smoothing / class_weight.")
+        f"{name} calls the model with fused_lm_head=True and uses its per-token log_probs as log-probabilities "
+        f"(policy ratios, KL or preference terms); this model is patched by fused_objectives with {what}, so "
+        f"those log_probs hold the negated objective, not log p, and {name} would train on the wrong quantity. "
+        f"For this trainer, patch with fo.patch_model(model, objective='nll') and no z_loss / label_smoothing / "
+        f"class_weight (its log_probs are then the exact log-probabilities), or fo.unpatch_model(model).")
 
 
+@torch.compiler.disable
 def prediction_loss_only() -> bool:
     """True when a Trainer's ``prediction_step`` calling us was asked for the loss only (its predictions are
     discarded, so an evaluation call need not build the logits)."""
