@@ -11,6 +11,11 @@ ZeRO-3 (``DS_ACCELERATOR=cpu``), the raw engine and ``transformers.Trainer`` wit
 The tests check that the sharding really happened (the head's weight is a ``Shard(0)`` DTensor, or
 ZeRO-3's empty placeholder outside the head's call), so a setup that silently fell back to
 replicated weights cannot pass.
+
+Every case also checks that the engine ran the patched forward: each rank counts the calls into the
+fused loss (``linear_objective_loss`` as the patched training call sees it) and asserts the model
+returned ``logits=None``; and the objectives are not NLL (``neg_p``, ``power:0.5``), whose values an
+unpatched model (which computes NLL from ``labels``) cannot reproduce.
 """
 import datetime
 import faulthandler
@@ -92,6 +97,27 @@ def _local_batch(rank):
     return ids[mine], labels[mine], _n_items(labels)
 
 
+def _count_fused_calls():
+    """Wraps the fused loss where the patched training call looks it up; returns the call counter."""
+    from fused_objectives.integrations.hf import training_call
+
+    calls = [0]
+    inner = training_call.linear_objective_loss
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return inner(*args, **kwargs)
+
+    training_call.linear_objective_loss = counted  # this rank's process only
+    return calls
+
+
+def _assert_patched_call(out, calls, want):
+    """The engine's forward went through the patch: ``want`` fused loss calls so far, no [N, V] logits."""
+    assert out.logits is None, "the engine's forward returned logits: the patched training call did not run"
+    assert calls[0] == want, f"{calls[0]} fused loss calls, want {want}"
+
+
 def _global_loss(loss):
     total = loss.detach().clone()
     dist.all_reduce(total)
@@ -107,12 +133,15 @@ def _case_ddp(rank, objective):
     fo.patch_model(m, objective=objective)
     ddp = DistributedDataParallel(m)
     opt = torch.optim.SGD(m.parameters(), lr=LR)
+    calls = _count_fused_calls()
     ids, labels, n = _local_batch(rank)
-    loss = ddp(input_ids=ids, labels=labels, num_items_in_batch=n).loss
+    out = ddp(input_ids=ids, labels=labels, num_items_in_batch=n)
+    _assert_patched_call(out, calls, 1)
+    loss = out.loss
     (loss * WORLD).backward()  # DDP averages the ranks' gradients
     grads = {k: p.grad.clone() for k, p in m.named_parameters()}
     opt.step()
-    return {"loss": _global_loss(loss), "grads": grads,
+    return {"loss": _global_loss(loss), "grads": grads, "fused_calls": calls[0],
             "params": {k: p.detach().clone() for k, p in m.named_parameters()}}
 
 
@@ -135,12 +164,15 @@ def _case_fsdp2(rank, objective, tied=False):
     assert (w is m.model.embed_tokens.weight) == tied
     fo.patch_model(m, objective=objective)
     opt = torch.optim.SGD(m.parameters(), lr=LR)
+    calls = _count_fused_calls()
     ids, labels, n = _local_batch(rank)
-    loss = m(input_ids=ids, labels=labels, num_items_in_batch=n).loss
+    out = m(input_ids=ids, labels=labels, num_items_in_batch=n)
+    _assert_patched_call(out, calls, 1)
+    loss = out.loss
     (loss * WORLD).backward()  # FSDP averages the ranks' gradients
     grads = {k: p.grad.full_tensor() for k, p in m.named_parameters()}
     opt.step()
-    return {"loss": _global_loss(loss), "grads": grads,
+    return {"loss": _global_loss(loss), "grads": grads, "fused_calls": calls[0],
             "params": {k: p.full_tensor().detach() for k, p in m.named_parameters()}}
 
 
@@ -167,14 +199,17 @@ def _case_zero3(rank, objective):
                                       config=_ds_config())
     w = m.lm_head.weight
     assert w.numel() == 0 and w.ds_tensor.numel() == VOCAB * 32 // WORLD  # partitioned outside its call
+    calls = _count_fused_calls()
     ids, labels, n = _local_batch(rank)
-    loss = engine(input_ids=ids, labels=labels, num_items_in_batch=n).loss
+    out = engine(input_ids=ids, labels=labels, num_items_in_batch=n)
+    _assert_patched_call(out, calls, 1)
+    loss = out.loss
     engine.backward(loss * WORLD)  # ZeRO averages the ranks' gradients
     grads = {k: safe_get_full_grad(p).clone() for k, p in m.named_parameters()}
     engine.step()
     with deepspeed.zero.GatheredParameters(list(m.parameters())):
         params = {k: p.detach().clone() for k, p in m.named_parameters()}
-    return {"loss": _global_loss(loss), "grads": grads, "params": params}
+    return {"loss": _global_loss(loss), "grads": grads, "params": params, "fused_calls": calls[0]}
 
 
 def _case_trainer_zero3(rank, objective, outdir, steps):
@@ -196,13 +231,18 @@ def _case_trainer_zero3(rank, objective, outdir, steps):
                              max_grad_norm=0.0, warmup_steps=0, logging_steps=1, report_to=[], save_strategy="no",
                              disable_tqdm=True, dataloader_num_workers=0, deepspeed=config, seed=0, use_cpu=True)
     trainer = Trainer(model=m, args=args, train_dataset=data)
+    calls = _count_fused_calls()
+    logits = []  # each training call's output logits (None from the patched forward)
+    m.register_forward_hook(lambda module, args, out: logits.append(out.logits))
     trainer.train()
+    assert calls[0] == steps, f"{calls[0]} fused loss calls in {steps} training steps"
+    assert len(logits) == steps and all(x is None for x in logits), "the model returned logits: not patched"
     w = m.lm_head.weight
     assert w.numel() == 0 and w.ds_tensor.numel() == VOCAB * 32 // WORLD  # ZeRO-3 partitioned the head
     losses = torch.tensor([h["loss"] for h in trainer.state.log_history if "loss" in h], dtype=torch.float64)
     with deepspeed.zero.GatheredParameters(list(m.parameters())):
         params = {k: p.detach().clone() for k, p in m.named_parameters()}
-    return {"losses": losses, "params": params}
+    return {"losses": losses, "params": params, "fused_calls": calls[0]}
 
 
 _CASES = {"ddp": _case_ddp, "fsdp2": _case_fsdp2, "zero3": _case_zero3, "trainer_zero3": _case_trainer_zero3}
@@ -248,6 +288,7 @@ def _spawn(case, tmp_path, **kwargs):
 
 
 def _assert_matches_truth(got, want, what):
+    assert got["fused_calls"] == 1, f"{what}: {got['fused_calls']} fused loss calls on rank 0"
     # float32 engines against float64 truth: fp32 rounding of a few thousand-term sums
     torch.testing.assert_close(got["loss"].double(), want["loss"], rtol=1e-5, atol=1e-6, msg=f"{what}: loss")
     assert got["grads"].keys() == want["grads"].keys()
@@ -257,7 +298,8 @@ def _assert_matches_truth(got, want, what):
         torch.testing.assert_close(got["params"][k].double(), p, rtol=1e-5, atol=2e-6, msg=f"{what}: updated {k}")
 
 
-@pytest.mark.parametrize("case,objective", [("ddp", "nll"), ("fsdp2", "neg_p")])
+# not NLL: an unpatched model computes NLL from the labels, so these values show that the patch ran
+@pytest.mark.parametrize("case,objective", [("ddp", "power:0.5"), ("fsdp2", "neg_p")])
 def test_engine_matches_unsharded_truth(case, objective, tmp_path):
     got = _spawn(case, tmp_path, objective=objective)
     _assert_matches_truth(got, _truth(objective), case)
@@ -265,8 +307,8 @@ def test_engine_matches_unsharded_truth(case, objective, tmp_path):
 
 def test_fsdp2_tied_embedding_head(tmp_path):
     # the head's weight is the embedding's: sharded with the root, one gradient for both uses
-    got = _spawn("fsdp2", tmp_path, objective="nll", tied=True)
-    _assert_matches_truth(got, _truth("nll", tied=True), "fsdp2, tied head")
+    got = _spawn("fsdp2", tmp_path, objective="power:0.5", tied=True)
+    _assert_matches_truth(got, _truth("power:0.5", tied=True), "fsdp2, tied head")
 
 
 def _need_deepspeed():
@@ -278,16 +320,17 @@ def _need_deepspeed():
 @pytest.mark.slow
 def test_deepspeed_zero3_engine(tmp_path):
     _need_deepspeed()
-    got = _spawn("zero3", tmp_path, objective="nll")
-    _assert_matches_truth(got, _truth("nll"), "zero3")
+    got = _spawn("zero3", tmp_path, objective="power:0.5")
+    _assert_matches_truth(got, _truth("power:0.5"), "zero3")
 
 
 @pytest.mark.slow
 def test_hf_trainer_deepspeed_zero3(tmp_path):
     _need_deepspeed()
     steps = 2
-    got = _spawn("trainer_zero3", tmp_path, objective="nll", outdir=str(tmp_path / "out"), steps=steps)
-    want = _truth("nll", steps=steps)
+    got = _spawn("trainer_zero3", tmp_path, objective="power:0.5", outdir=str(tmp_path / "out"), steps=steps)
+    want = _truth("power:0.5", steps=steps)
+    assert got["fused_calls"] == steps
     # the logged losses are the global losses before each step; the parameters after both steps
     torch.testing.assert_close(got["losses"], want["losses"], rtol=1e-5, atol=1e-6)
     for k, p in want["params"].items():
