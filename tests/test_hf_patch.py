@@ -624,6 +624,21 @@ def test_class_weight_must_fit_the_head_at_patch_time():
     assert "_fused_objectives_patch" not in m.__dict__
 
 
+def test_class_weight_is_checked_against_a_zero3_partitioned_head_by_its_ds_shape():
+    """Under DeepSpeed ZeRO-3 the head's weight is an empty partition whose full shape is ds_shape: the check
+    reads ds_shape (a right class_weight accepted, a wrong one refused; no deepspeed needed)."""
+    m = tiny()
+    part = torch.nn.Parameter(torch.empty(0))
+    part.ds_shape = torch.Size([V, m.config.hidden_size])
+    m.lm_head.weight = part
+    for bad in (torch.ones(0), torch.ones(V + 1)):
+        with pytest.raises(ValueError, match=r"class_weight must have shape \[V\] = \(64,\)"):
+            fo.patch_model(m, objective="nll", class_weight=bad)
+    fo.patch_model(m, objective="nll", class_weight=torch.ones(V))
+    assert "_fused_objectives_patch" in m.__dict__
+    fo.unpatch_model(m)
+
+
 def test_eval_predictions_logits_ids_or_none():
     """In evaluation a call with labels returns the unpatched logits (default), the argmax ids of the
     valid positions ('ids': ignore_index elsewhere, no logits) or the loss only ('none'); training: none."""

@@ -196,8 +196,9 @@ def _check_class_weight(model, options) -> None:
     cw = options.class_weight
     if cw is None:
         return
-    head = model.get_output_embeddings()
-    vocab = getattr(getattr(head, "weight", None), "shape", (None,))[0]
+    weight = getattr(model.get_output_embeddings(), "weight", None)
+    # a ZeRO-3-partitioned weight is an empty tensor whose real shape is its ds_shape
+    vocab = getattr(weight, "ds_shape", getattr(weight, "shape", (None,)))[0]
     if vocab is not None and tuple(cw.shape) != (vocab,):
         raise ValueError(f"class_weight must have shape [V] = ({vocab},) for this model's LM head "
                          f"({type(model).__name__}), got {tuple(cw.shape)}")
