@@ -639,6 +639,24 @@ def test_class_weight_is_checked_against_a_zero3_partitioned_head_by_its_ds_shap
     fo.unpatch_model(m)
 
 
+def test_eval_logits_with_grad_enabled_carry_no_graph():
+    """An evaluation call with labels and gradients enabled returns the predictions' logits without a graph
+    (no [N, V] autograd history); its loss still differentiates exactly as the unpatched model's does."""
+    m = tiny().eval()
+    inputs = batch(B=3, T=9)
+    ref_out, ref_grads = loss_and_grads(m, inputs)
+    with torch.no_grad():
+        ref_logits = m(**inputs).logits
+    fo.patch_model(m, objective="nll")
+    out = m(**inputs)
+    assert not out.logits.requires_grad and out.logits.grad_fn is None
+    torch.testing.assert_close(out.logits, ref_logits)
+    got_out, got = loss_and_grads(m, inputs)
+    torch.testing.assert_close(got_out.loss, ref_out.loss, rtol=1e-6, atol=1e-6)
+    assert_grads_close(ref_grads, got, rtol=1e-4)
+    fo.unpatch_model(m)
+
+
 def test_eval_predictions_logits_ids_or_none():
     """In evaluation a call with labels returns the unpatched logits (default), the argmax ids of the
     valid positions ('ids': ignore_index elsewhere, no logits) or the loss only ('none'); training: none."""

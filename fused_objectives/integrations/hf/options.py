@@ -54,10 +54,11 @@ class PatchOptions:
     (``class_weight`` is moved to the head's device at each call).
     ``eval_predictions``: what a call with labels returns besides the loss while ``model.training``
     is False, for ``Trainer.evaluate``'s ``compute_metrics``: ``"logits"`` (the ``[..., V]`` logits,
-    computed by the head as unpatched: the memory of one batch's logits, as an unpatched evaluation
-    holds them; skipped when a ``Trainer`` evaluates with ``prediction_loss_only``), ``"ids"``
-    (``predicted``: the argmax token id of every position, ``[...]`` int64, from the fused pass, no
-    ``[N, V]`` tensor; ``logits`` stays None) or ``"none"`` (the loss only).
+    computed by the head as unpatched, without a graph even when gradients are enabled: the memory of
+    one batch's logits, as an unpatched evaluation holds them; skipped when a ``Trainer`` evaluates with
+    ``prediction_loss_only``), ``"ids"`` (``predicted``: the argmax token id of every position whose
+    shifted label is not ignored, ``ignore_index`` at the others, ``[...]`` int64, from the fused pass,
+    no ``[N, V]`` tensor; ``logits`` stays None) or ``"none"`` (the loss only).
     """
 
     objective: Objective

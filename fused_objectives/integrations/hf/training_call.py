@@ -137,8 +137,11 @@ class _Call:
         else:
             self.loss = linear_objective_loss(h2, w, target, b, num_items_in_batch=self.num_items, **common)
             source = self.loss
+        # evaluation predictions (not return_logits): the [N, V] logits for compute_metrics, without a graph
+        no_graph = self.predictions == "logits" and not opts.return_logits
         if self.returns_logits:
-            stand = original(x)
+            with torch.no_grad() if no_graph else contextlib.nullcontext():
+                stand = original(x)
         else:
             probe = torch.tensor(_PROBE, dtype=out_dtype, device=x.device)
             stand = probe.expand(*x.shape[:-1], len(_PROBE))
@@ -146,7 +149,7 @@ class _Call:
                 stand = head_output_like(stand, weight)
         self.stand_in = stand
         self.head_done = True
-        if torch.is_grad_enabled() and source.requires_grad:
+        if torch.is_grad_enabled() and source.requires_grad and not no_graph:
             return _Tie.apply(stand, source)
         return stand
 
