@@ -4,7 +4,10 @@ A tiny Llama (built locally, nothing downloaded) is patched with `fo.patch_model
 few steps on one fixed synthetic SFT batch (prompt tokens masked with -100, right padding) under one
 engine; every step's global loss is printed next to the same step of a single-process run of the
 unpatched, unsharded model (its logits materialised, the objective applied to their log-softmax), and
-the script exits with status 1 if any step differs by more than --rtol.
+the script exits with status 1 if any step differs by more than --rtol.  Each rank also checks that
+the engine called the patched forward (a patched training call returns `logits=None`) and fails if
+not; the default objective, power:0.5, is one whose loss an unpatched model (NLL from the labels)
+would not reproduce.
 
     # 2 gloo ranks on this machine's CPU (the script re-runs itself under torchrun)
     python examples/distributed.py --engine ddp --nproc 2
@@ -41,9 +44,10 @@ def parse_args(argv=None):
     p.add_argument("--nproc", type=int, default=None,
                    help="start this many ranks on this machine (torchrun --standalone); without it, run as one "
                         "rank of a torchrun launch")
-    p.add_argument("--objective", default="nll",
-                   help="fused objective (default: nll; -p's gradient is p times NLL's, ~1/vocab on a random model, "
-                        "so a few steps of neg_p barely move its loss)")
+    p.add_argument("--objective", default="power:0.5",
+                   help="fused objective (default: power:0.5, whose loss an unpatched model, which computes NLL from "
+                        "the labels, cannot reproduce; its gradient is sqrt(p) times NLL's, and -p's is p times, "
+                        "~1/vocab on a random model, so a few steps of neg_p barely move its loss)")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--lr", type=float, default=0.5, help="SGD step size")
     p.add_argument("--rows", type=int, default=4, help="rows of the global batch (a multiple of the ranks)")
@@ -192,8 +196,12 @@ def train(args, device, rank, world):
     losses = []
     for _ in range(args.steps):
         zero_grad()
-        loss = module(input_ids=ids[mine].to(device), attention_mask=mask[mine].to(device),
-                      labels=labels[mine].to(device), num_items_in_batch=scored_tokens(labels)).loss
+        out = module(input_ids=ids[mine].to(device), attention_mask=mask[mine].to(device),
+                     labels=labels[mine].to(device), num_items_in_batch=scored_tokens(labels))
+        if out.logits is not None:  # the patched training call returns no [tokens, vocab] logits
+            raise RuntimeError(f"engine {args.engine}: the model returned logits, so its forward was not the "
+                               "patched one (the engine bypassed fo.patch_model)")
+        loss = out.loss
         backward(loss)  # data parallel: the engines average the ranks' gradients, backward scales by `world`
         step()
         total = loss.detach().float().clone()
