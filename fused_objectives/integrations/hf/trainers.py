@@ -25,18 +25,44 @@ trainers also ask for log-probabilities while generating); only its public attri
 ``prediction_loss_only`` argument.  Nothing is looked up unless ``transformers.trainer`` was imported.  The
 checks run eagerly under torch.compile too (``torch.compiler.disable``: a graph break on the calls that
 run them, the call without labels, TRL's and an evaluation call; never on a labelled training call).
+The disabled versions are made by :func:`compile_safe` (called by ``patch_model`` and by a patched
+forward's eager calls), not at import: ``torch.compiler.disable`` imports torch._dynamo (about a second,
+and Triton), which ``import fused_objectives`` must not.
 """
 from __future__ import annotations
 
+import functools
 import sys
 import warnings
 import weakref
-from typing import Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
 _MAX_DEPTH = 48  # frames between a Trainer method and the patched forward (accelerate / DDP / PEFT wrappers)
 _WARNED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_EAGER: List[Callable] = []
+
+
+def _eager(fn):
+    """``fn``, run outside torch.compile's tracing once :func:`compile_safe` has made its disabled
+    version (the frame walk must see the real Python stack, and a trace must not skip the check)."""
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        return (call.disabled or fn)(*args, **kwargs)
+
+    call.disabled = None
+    call.raw = fn
+    _EAGER.append(call)
+    return call
+
+
+def compile_safe() -> None:
+    """Make the checks' ``torch.compiler.disable``d versions (once; imports torch._dynamo)."""
+    for call in _EAGER:
+        if call.disabled is None:
+            call.disabled = torch.compiler.disable(call.raw)
 
 
 def _trainer_frame(method: Optional[str]) -> Tuple[Optional[object], Optional[dict]]:
@@ -62,7 +88,7 @@ def _trainer_frame(method: Optional[str]) -> Tuple[Optional[object], Optional[di
         del frame
 
 
-@torch.compiler.disable
+@_eager
 def check_call_without_labels(model, options) -> None:
     """A patched model called without labels from a Trainer's ``compute_loss``: the Trainer computes the loss."""
     trainer, _ = _trainer_frame("compute_loss")
@@ -106,7 +132,7 @@ def _is_sft_trainer(trainer) -> bool:
     return cls is not None and isinstance(trainer, cls)
 
 
-@torch.compiler.disable
+@_eager
 def check_trl_loss_type(model, options, objective) -> None:
     """TRL's fused-head call (``fused_lm_head=True``): ``log_probs`` hold the negated per-token objective.
 
@@ -144,7 +170,7 @@ def check_trl_loss_type(model, options, objective) -> None:
         f"class_weight (its log_probs are then the exact log-probabilities), or fo.unpatch_model(model).")
 
 
-@torch.compiler.disable
+@_eager
 def prediction_loss_only() -> bool:
     """True when a Trainer's ``prediction_step`` calling us was asked for the loss only (its predictions are
     discarded, so an evaluation call need not build the logits)."""
