@@ -16,7 +16,6 @@ from .hooks import _install_hooks, _make_class_call, _remove_hooks
 from .options import _make_options, _require_transformers
 from .refusals import _refuse, _refuse_at_patch, known_refusal
 from .state import _MISSING, _PatchState, _STATE, _class_state, _state_of
-from . import trainers
 from .training_call import _run
 
 
@@ -155,7 +154,6 @@ def _refuse_known(kind, obj) -> None:
 def _install(kind, obj, outer, options, model_or_model_type):
     """Patch after validation (``hf_verify`` calls this directly to check ``KNOWN_REFUSALS`` against the
     refusal at run time)."""
-    trainers.compile_safe()  # the Trainer checks run eagerly under torch.compile
     if kind == "instance":
         _check_head(obj, obj.get_output_embeddings(), obj.training)
         scale, softcap = _logit_transform(obj)

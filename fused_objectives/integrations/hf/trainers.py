@@ -23,51 +23,26 @@ The trainer is the ``self`` of the nearest ``compute_loss`` (or ``prediction_ste
 trainers also ask for log-probabilities while generating); only its public attributes are read
 (``label_smoother``, ``compute_loss_func``, ``args.loss_type``) and ``prediction_step``'s documented
 ``prediction_loss_only`` argument.  Nothing is looked up unless ``transformers.trainer`` was imported.  The
-checks run eagerly under torch.compile too (``torch.compiler.disable``: a graph break on the calls that
-run them, the call without labels, TRL's and an evaluation call; never on a labelled training call).
-The disabled versions are made by :func:`compile_safe` (called by ``patch_model`` and by a patched
-forward's eager calls), not at import: ``torch.compiler.disable`` imports torch._dynamo (about a second,
-and Triton), which ``import fused_objectives`` must not.
+checks also run while torch.compile traces the forward: dynamo does not trace the frame walk
+(``sys._getframe``) and runs it eagerly, a graph break on the calls that run the checks (the call
+without labels, TRL's and an evaluation call; never a labelled training call).
 """
 from __future__ import annotations
 
-import functools
 import sys
 import warnings
 import weakref
-from typing import Callable, List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 
 _MAX_DEPTH = 48  # frames between a Trainer method and the patched forward (accelerate / DDP / PEFT wrappers)
 _WARNED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-_EAGER: List[Callable] = []
-
-
-def _eager(fn):
-    """``fn``, run outside torch.compile's tracing once :func:`compile_safe` has made its disabled
-    version (the frame walk must see the real Python stack, and a trace must not skip the check)."""
-
-    @functools.wraps(fn)
-    def call(*args, **kwargs):
-        return (call.disabled or fn)(*args, **kwargs)
-
-    call.disabled = None
-    call.raw = fn
-    _EAGER.append(call)
-    return call
-
-
-def compile_safe() -> None:
-    """Make the checks' ``torch.compiler.disable``d versions (once; imports torch._dynamo)."""
-    for call in _EAGER:
-        if call.disabled is None:
-            call.disabled = torch.compiler.disable(call.raw)
 
 
 def _trainer_frame(method: Optional[str]) -> Tuple[Optional[object], Optional[dict]]:
     """``(trainer, that frame's locals)`` of the nearest ``Trainer.<method>`` frame calling us (``method``
-    None: of any method), or ``(None, None)``.  Called eagerly (the checks below are compiler-disabled)."""
+    None: of any method), or ``(None, None)``; runs eagerly under torch.compile too (see the module docstring)."""
     module = sys.modules.get("transformers.trainer")
     trainer_cls = getattr(module, "Trainer", None)
     if trainer_cls is None:
@@ -88,7 +63,6 @@ def _trainer_frame(method: Optional[str]) -> Tuple[Optional[object], Optional[di
         del frame
 
 
-@_eager
 def check_call_without_labels(model, options) -> None:
     """A patched model called without labels from a Trainer's ``compute_loss``: the Trainer computes the loss."""
     trainer, _ = _trainer_frame("compute_loss")
@@ -132,7 +106,6 @@ def _is_sft_trainer(trainer) -> bool:
     return cls is not None and isinstance(trainer, cls)
 
 
-@_eager
 def check_trl_loss_type(model, options, objective) -> None:
     """TRL's fused-head call (``fused_lm_head=True``): ``log_probs`` hold the negated per-token objective.
 
@@ -170,7 +143,6 @@ def check_trl_loss_type(model, options, objective) -> None:
         f"class_weight (its log_probs are then the exact log-probabilities), or fo.unpatch_model(model).")
 
 
-@_eager
 def prediction_loss_only() -> bool:
     """True when a Trainer's ``prediction_step`` calling us was asked for the loss only (its predictions are
     discarded, so an evaluation call need not build the logits)."""

@@ -15,7 +15,7 @@ from ...parallel import head_output_like, is_dtensor, local_view
 from .head import _apply_transform, _check_head, _head_params, _logit_transform, _text_config
 from .refusals import UnsupportedModelError, _refuse
 from .state import _ACTIVE, _MISSING, _PatchState, _active_depth
-from .trainers import check_call_without_labels, check_trl_loss_type, compile_safe, prediction_loss_only
+from .trainers import check_call_without_labels, check_trl_loss_type, prediction_loss_only
 
 
 _PROBE = (-30.0, -4.0, -1.0, 0.0, 0.5, 2.0, 7.0, 30.0)
@@ -285,8 +285,6 @@ def _run(model, state: _PatchState, original, args, kwargs):
     labels = kwargs.get("labels")
     if labels is None and idx is not None and len(args) > idx:
         labels = args[idx]
-    if not torch.compiler.is_compiling():
-        compile_safe()  # a model patched in another process (unpickled) compiles with its checks intact
     _ACTIVE.depth = _active_depth() + 1
     try:
         opts = state.options
