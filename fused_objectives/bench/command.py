@@ -50,24 +50,21 @@ def _fraction(s: str) -> float:
     return v
 
 
-def _z_loss(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {s!r}")
-    if not (v >= 0 and v != float("inf")):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {v}")
-    return v
+def _term(name: str, upper: Optional[float] = None):
+    """An argparse type for a loss-term coefficient, checked as ``linear_objective_loss`` checks it."""
+    from ..options import _check_coefficient
 
+    def parse(s: str) -> float:
+        try:
+            v = float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {s!r}")
+        try:
+            return _check_coefficient(name, v, upper)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e))
 
-def _smoothing(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {s!r}")
-    if not 0.0 <= v <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {v}")
-    return v
+    return parse
 
 
 def _objective(s: str) -> str:
@@ -105,10 +102,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--softcap", type=float, metavar="C", help="custom shape: logit soft-cap")
     g.add_argument("--objective", nargs="+", type=_objective, metavar="SPEC",
                    help="objective specs, e.g. nll neg_p power:10 nll_top:0.2 (default: neg_p on CPU, nll neg_p on CUDA)")
-    g.add_argument("--z-loss", type=_z_loss, default=0.0, metavar="Z",
+    g.add_argument("--z-loss", type=_term("z_loss"), default=0.0, metavar="Z",
                    help="add the z-loss Z * logsumexp(z)^2 per valid token (Liger: lse_square_scale); "
                         "a provider without it is skipped with the reason (default: 0)")
-    g.add_argument("--label-smoothing", type=_smoothing, default=0.0, metavar="EPS",
+    g.add_argument("--label-smoothing", type=_term("label_smoothing", 1.0), default=0.0, metavar="EPS",
                    help="label smoothing EPS, as F.cross_entropy(label_smoothing=EPS) for nll (Liger computes "
                         "it for nll only; providers that cannot are skipped, with the reason) (default: 0)")
     g.add_argument("--class-weight", action="store_true",
