@@ -19,7 +19,7 @@ from .autograd import _dot_sum
 from .backends import REFERENCE, check_backend_name, name_of, reference, resolve_backend
 from .objectives import Objective, get_objective
 from . import parallel
-from .options import LogitOptions, LossTerms, checked_class_weight
+from .options import LogitOptions, LossTerms
 
 __all__ = ["linear_objective_loss", "target_logprob", "LossStats", "validate_options"]
 
@@ -102,6 +102,15 @@ def validate_options(
     a patched model is configured) and return the resolved objective; raises the same
     ``TypeError`` / ``ValueError`` the call would.  Not checked here, because they depend on the
     call: whether the backend can run on the inputs' device, and ``num_items_in_batch``."""
+    return _validated(objective=objective, ignore_index=ignore_index, reduction=reduction, normalize=normalize,
+                      shift=shift, softcap=softcap, logit_scale=logit_scale, backend=backend,
+                      return_stats=return_stats, z_loss=z_loss, label_smoothing=label_smoothing,
+                      class_weight=class_weight)[0]
+
+
+def _validated(*, objective, ignore_index, reduction, normalize, shift, softcap, logit_scale, backend, return_stats,
+               z_loss, label_smoothing, class_weight) -> Tuple[Objective, LossTerms]:
+    """:func:`validate_options`, also returning the checked :class:`LossTerms` (built once per call)."""
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     if normalize not in _NORMALIZE:
@@ -110,9 +119,9 @@ def validate_options(
     _check_flag("shift", shift)
     _check_flag("return_stats", return_stats)
     LogitOptions(logit_scale=logit_scale, softcap=softcap)
-    LossTerms(z_loss=z_loss, label_smoothing=label_smoothing, class_weight=class_weight)
+    terms = LossTerms(z_loss=z_loss, label_smoothing=label_smoothing, class_weight=class_weight)
     check_backend_name(backend)
-    return get_objective(objective)
+    return get_objective(objective), terms
 
 
 def _check_inputs(hidden, weight, target, bias, ignore_index, shift, backend_name):
@@ -397,13 +406,10 @@ def linear_objective_loss(
     second-order graph materialises fp32 ``[N, V]`` logits) and with ``backend="reference"``; a
     fused backend's scalar reductions compute the gradients in the forward and raise instead.
     """
-    obj = validate_options(objective=objective, ignore_index=ignore_index, reduction=reduction,
-                           normalize=normalize, shift=shift, softcap=softcap, logit_scale=logit_scale,
-                           backend=backend, return_stats=return_stats, z_loss=z_loss,
-                           label_smoothing=label_smoothing, class_weight=class_weight)
-    if class_weight is not None and class_weight.device.type == "cpu":
-        class_weight = checked_class_weight(class_weight)  # the value check, also inside a compiled graph
-    terms = LossTerms(z_loss=z_loss, label_smoothing=label_smoothing, class_weight=class_weight)
+    obj, terms = _validated(objective=objective, ignore_index=ignore_index, reduction=reduction,
+                            normalize=normalize, shift=shift, softcap=softcap, logit_scale=logit_scale,
+                            backend=backend, return_stats=return_stats, z_loss=z_loss,
+                            label_smoothing=label_smoothing, class_weight=class_weight)
     if num_items_in_batch is not None and reduction != "mean":
         raise ValueError(f"num_items_in_batch is the denominator of reduction='mean'; "
                          f"it cannot be combined with reduction={reduction!r}")

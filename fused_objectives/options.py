@@ -86,10 +86,10 @@ class LossTerms:
         if w.requires_grad:
             raise ValueError("class_weight must not require grad (the loss does not differentiate "
                              "with respect to the class weights); pass class_weight.detach()")
-        if w.device.type == "cpu" and not torch.compiler.is_compiling():
+        if w.device.type == "cpu":
             # free to read on the host; a CUDA tensor is not read (no sync): its values are the user's.
-            # Under torch.compile the call checks it inside an operator (checked_class_weight)
-            _check_weight_values(w)
+            # An operator, so a compiled graph keeps the check; its float copy is what the loss uses
+            object.__setattr__(self, "class_weight", checked_class_weight(w))
 
     @property
     def active(self) -> bool:
@@ -106,19 +106,15 @@ class LossTerms:
             raise ValueError(f"class_weight is on {w.device} but hidden is on {device}")
 
 
-def _check_weight_values(w: torch.Tensor) -> None:
-    bad = ~torch.isfinite(w) | (w < 0)
-    if bool(bad.any()):
-        i = int(bad.nonzero()[0, 0])
-        raise ValueError(f"class_weight must be finite and >= 0, got {float(w[i])} at index {i}")
-
-
 @torch.library.custom_op("fused_objectives::checked_class_weight", mutates_args=())
 def checked_class_weight(w: torch.Tensor) -> torch.Tensor:
     """A float32 copy of the CPU ``class_weight``, raising ``ValueError`` for a negative or
     non-finite entry: an operator, so ``torch.compile`` (fullgraph) keeps the check inside the
     graph instead of a data-dependent Python branch."""
-    _check_weight_values(w)
+    bad = ~torch.isfinite(w) | (w < 0)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"class_weight must be finite and >= 0, got {float(w[i])} at index {i}")
     # float32, or float64 kept for float64 weights (the reference backend's float64 truth)
     return w.detach().to(torch.promote_types(w.dtype, torch.float32), copy=True)
 
